@@ -1,0 +1,152 @@
+//! Starting the app and signalling it. Waiting for it is the reaper's job alone (see reaper.rs).
+
+use std::ffi::OsString;
+use std::io::{self, IsTerminal};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SigHandler, Signal};
+use nix::unistd::{self, Pid};
+use tracing::{debug, info, warn};
+
+use crate::exit::{self, StartupError};
+
+/// The app's program and arguments, as given after `--`.
+#[derive(Debug, Clone)]
+pub struct AppCommand {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+}
+
+impl AppCommand {
+    pub fn from_argv(mut argv: Vec<OsString>) -> Result<Self, StartupError> {
+        if argv.is_empty() {
+            return Err(StartupError::usage(
+                "no command to run: put the app after --, e.g. drainit -- /app/server --port 8080",
+            ));
+        }
+        let program = argv.remove(0);
+        Ok(Self {
+            program,
+            args: argv,
+        })
+    }
+}
+
+/// The running app. Its pid is also its process-group id: the app leads its own group so that
+/// the budget kill reaches every process it started, and never drainit.
+#[derive(Debug, Clone, Copy)]
+pub struct App {
+    pub pid: Pid,
+    /// Forward signals to the whole group (`--group`) rather than the app alone.
+    forward_to_group: bool,
+}
+
+impl App {
+    /// Spawns the app in its own process group; on a terminal, that group becomes the terminal's
+    /// foreground so that Ctrl-C and job control reach the app as they would without drainit.
+    ///
+    /// Must run before the reaper first polls: std reaps a child whose exec failed, and a reaper
+    /// running in between would take that status (and make std panic).
+    pub fn spawn(command: &AppCommand, forward_to_group: bool) -> Result<Self, StartupError> {
+        let mut builder = Command::new(&command.program);
+        builder.args(&command.args).process_group(0);
+        if owns_terminal_foreground() {
+            // SAFETY: the closure runs in the forked child before exec and only makes
+            // async-signal-safe calls (setpgid, sigaction, tcsetpgrp) on values it owns.
+            unsafe { builder.pre_exec(take_terminal_foreground) };
+        }
+        let child = builder
+            .spawn()
+            .map_err(|e| spawn_error(&command.program, e))?;
+        let pid = Pid::from_raw(child.id() as i32);
+        // Dropping a std Child neither waits nor kills: the reaper collects its status.
+        drop(child);
+        info!(pid = pid.as_raw(), program = %command.program.to_string_lossy(), "app started");
+        Ok(Self {
+            pid,
+            forward_to_group,
+        })
+    }
+
+    /// Forwards `signal` to the app (or its group, with `--group`).
+    pub fn forward(&self, signal: i32) {
+        let target = if self.forward_to_group {
+            self.group()
+        } else {
+            self.pid
+        };
+        send(target, signal);
+    }
+
+    /// Sends the stop signal to the app alone: a group-wide stop is for `--group` users, who get
+    /// it through `forward`.
+    pub fn stop(&self, signal: Signal) {
+        self.forward(signal as i32);
+    }
+
+    /// SIGKILLs the app's whole process group, grandchildren included.
+    pub fn kill_group(&self) {
+        send(self.group(), Signal::SIGKILL as i32);
+        // An app that moved itself to another group still dies.
+        send(self.pid, Signal::SIGKILL as i32);
+    }
+
+    fn group(&self) -> Pid {
+        Pid::from_raw(-self.pid.as_raw())
+    }
+}
+
+fn send(target: Pid, signal: i32) {
+    // SAFETY: kill(2) takes plain integers; no memory is shared with the callee.
+    let sent = Errno::result(unsafe { nix::libc::kill(target.as_raw(), signal) });
+    match sent {
+        Ok(_) => debug!(target = target.as_raw(), signal, "signal sent"),
+        // Already gone: its exit status is on its way to the reaper.
+        Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
+        Err(e) => warn!(target = target.as_raw(), signal, error = %e, "could not signal the app"),
+    }
+}
+
+fn spawn_error(program: &OsString, error: io::Error) -> StartupError {
+    let program = program.to_string_lossy();
+    let (code, fix) = match error.kind() {
+        io::ErrorKind::NotFound => (
+            exit::NOT_FOUND,
+            "check the path and PATH inside the image (or the #! interpreter of a script)",
+        ),
+        io::ErrorKind::PermissionDenied => (
+            exit::NOT_EXECUTABLE,
+            "make it executable (chmod +x) and check the volume is not mounted noexec",
+        ),
+        _ => (
+            exit::NOT_EXECUTABLE,
+            "check it is a binary or script for this platform",
+        ),
+    };
+    StartupError {
+        code,
+        message: format!("cannot run '{program}': {error} ({fix})"),
+    }
+}
+
+/// drainit was started in the foreground of a terminal (interactive `docker run -it`, a shell).
+fn owns_terminal_foreground() -> bool {
+    let stdin = io::stdin();
+    stdin.is_terminal() && unistd::tcgetpgrp(&stdin).is_ok_and(|fg| fg == unistd::getpgrp())
+}
+
+/// In the child, before exec: make the app's new group the terminal's foreground. A background
+/// group changing the foreground gets SIGTTOU unless it ignores it, so it is ignored for the call
+/// and restored after (exec keeps ignored signals ignored).
+fn take_terminal_foreground() -> io::Result<()> {
+    let stdin = io::stdin();
+    unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+    // SAFETY: SIG_IGN and SIG_DFL install no Rust code as a handler.
+    unsafe { signal::signal(Signal::SIGTTOU, SigHandler::SigIgn) }?;
+    let foreground = unistd::tcsetpgrp(&stdin, unistd::getpgrp());
+    // SAFETY: as above.
+    unsafe { signal::signal(Signal::SIGTTOU, SigHandler::SigDfl) }?;
+    foreground.map_err(io::Error::from)
+}

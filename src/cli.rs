@@ -1,0 +1,257 @@
+//! The command line: every option, its `DRAINIT_*` variable and its `--help` text.
+//!
+//! Field docs are the `--help`; value parsers turn text into typed values so that a bad value is
+//! a usage error (exit 2) before anything starts.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use nix::sys::signal::Signal;
+
+use crate::control::ControlAddr;
+use crate::exit::{self, StartupError};
+
+/// PID-1 wrapper that drains a Kubernetes pod before stopping the app: on SIGTERM (or
+/// `drainit prestop`) /ready turns 503 at once, the app keeps serving for the drain delay, then it
+/// gets the stop signal; drainit SIGKILLs it 1 s before the grace period ends.
+#[derive(Debug, Parser)]
+#[command(
+    name = "drainit",
+    version,
+    args_conflicts_with_subcommands = true,
+    override_usage = "drainit [OPTIONS] -- <COMMAND> [ARGS]...\n       drainit prestop [--control <ADDR>] [--timeout <DURATION>]"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub subcommand: Option<Command>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+
+    #[command(flatten)]
+    pub shared: SharedArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start the drain of the running drainit and wait until it is over (the preStop hook).
+    Prestop(PrestopArgs),
+}
+
+/// Options of the wrapper itself.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Where the probe server (/alive, /ready) listens: IP:PORT, :PORT or PORT.
+    #[arg(long, env = "DRAINIT_HEALTH_LISTEN", value_name = "ADDR",
+          default_value = "0.0.0.0:8099", value_parser = parse_listen_addr)]
+    pub health_listen: SocketAddr,
+
+    /// How long the app keeps serving after the drain starts, before it gets the stop signal.
+    #[arg(long, env = "DRAINIT_DRAIN_DELAY", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_duration)]
+    pub drain_delay: Duration,
+
+    /// The pod's terminationGracePeriodSeconds, counted from the start of the drain. drainit
+    /// SIGKILLs the app's process group 1 s before it ends and exits 137.
+    #[arg(long, env = "DRAINIT_GRACE_PERIOD", value_name = "DURATION",
+          default_value = "30s", value_parser = parse_duration)]
+    pub grace_period: Duration,
+
+    /// Signal sent to the app when the drain is over: TERM, SIGTERM or 15 (nginx wants QUIT).
+    #[arg(long, env = "DRAINIT_STOP_SIGNAL", value_name = "SIG",
+          default_value = "SIGTERM", value_parser = crate::signals::parse_signal)]
+    pub stop_signal: Signal,
+
+    /// Forward signals to the app's whole process group instead of the app alone (the final
+    /// SIGKILL always hits the whole group).
+    #[arg(long, env = "DRAINIT_GROUP")]
+    pub group: bool,
+
+    /// The app and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+/// Options that both `drainit` and `drainit prestop` take.
+#[derive(Debug, Args)]
+pub struct SharedArgs {
+    /// Control channel between `drainit prestop` and the running drainit: `@name` is an abstract
+    /// Unix socket (needs no writable filesystem), anything else a socket file path.
+    #[arg(long, global = true, env = "DRAINIT_CONTROL", value_name = "ADDR",
+          default_value = "@drainit", value_parser = parse_control_addr)]
+    pub control: ControlAddr,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "DRAINIT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, RUST_LOG style: `info`, `debug`, `drainit=debug,hyper=info`.
+    #[arg(
+        long,
+        global = true,
+        env = "DRAINIT_LOG_LEVEL",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log_level: String,
+}
+
+#[derive(Debug, Args)]
+pub struct PrestopArgs {
+    /// Give up after this long (exit 124); by default wait as long as the drain lasts (the kubelet
+    /// bounds the hook by the grace period anyway).
+    #[arg(long, env = "DRAINIT_PRESTOP_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses the command line, or returns the one-line error (or the help text) to print and its
+/// exit code.
+pub fn parse<I, T>(args: I) -> Result<Cli, StartupError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    Cli::try_parse_from(args).map_err(one_line_error)
+}
+
+/// clap's errors span several lines with usage and tips; a container log wants one line that says
+/// what is wrong and how to fix it. Help and version requests keep their full text and exit 0.
+fn one_line_error(error: clap::Error) -> StartupError {
+    use clap::error::ErrorKind;
+    let rendered = error.render().to_string();
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        return StartupError {
+            code: 0,
+            message: rendered.trim_end().to_owned(),
+        };
+    }
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("bad command line");
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    let tip = lines.find_map(|l| l.strip_prefix("tip: "));
+    let fix = tip.map_or_else(|| "see drainit --help".to_owned(), str::to_owned);
+    StartupError {
+        code: exit::USAGE,
+        message: format!("{first} ({fix})"),
+    }
+}
+
+/// `500ms`, `15s`, `2m`, `1m30s`; a bare number means seconds (`15`, `1.5`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let bare_seconds = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let parsed = if bare_seconds {
+        text.parse::<f64>()
+            .ok()
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+            .ok_or(())
+    } else {
+        humantime::parse_duration(text).map_err(drop)
+    };
+    parsed.map_err(|()| {
+        format!("expected a duration like 500ms, 15s, 2m or a number of seconds, got '{text}'")
+    })
+}
+
+/// `IP:PORT`, or `:PORT` / `PORT` for all IPv4 interfaces.
+pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    let port_only = text.strip_prefix(':').unwrap_or(text);
+    if let Ok(port) = port_only.parse::<u16>() {
+        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+    }
+    text.parse().map_err(|_| {
+        format!(
+            "expected IP:PORT, :PORT or PORT (e.g. 0.0.0.0:8099, [::]:8099, :8099), got '{text}'"
+        )
+    })
+}
+
+fn parse_control_addr(text: &str) -> Result<ControlAddr, String> {
+    text.parse()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_units_and_bare_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn durations_reject_garbage() {
+        for bad in ["", "abc", "15x", "-1", "1..5", "s"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen_addr("8099").unwrap().to_string(),
+            "0.0.0.0:8099"
+        );
+        assert_eq!(
+            parse_listen_addr(":8099").unwrap().to_string(),
+            "0.0.0.0:8099"
+        );
+        assert_eq!(parse_listen_addr("[::]:9").unwrap().to_string(), "[::]:9");
+        assert_eq!(
+            parse_listen_addr("127.0.0.1:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
+        for bad in ["", "host", "1.2.3.4", "1.2.3.4:99999", ":x"] {
+            assert!(parse_listen_addr(bad).is_err(), "{bad:?} should not parse");
+        }
+    }
+
+    #[test]
+    fn command_after_double_dash() {
+        let cli = parse(["drainit", "--drain-delay", "1s", "--", "app", "--flag"]).unwrap();
+        assert!(cli.subcommand.is_none());
+        assert_eq!(cli.run.command, ["app", "--flag"]);
+        assert_eq!(cli.run.drain_delay, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn prestop_subcommand_takes_shared_flags() {
+        let cli = parse(["drainit", "prestop", "--control", "@x", "--timeout", "3s"]).unwrap();
+        let Some(Command::Prestop(args)) = cli.subcommand else {
+            panic!("expected prestop");
+        };
+        assert_eq!(args.timeout, Some(Duration::from_secs(3)));
+        assert_eq!(cli.shared.control, "@x".parse().unwrap());
+    }
+
+    #[test]
+    fn errors_fit_on_one_line_and_exit_2() {
+        for argv in [
+            &["drainit", "--bogus", "--", "app"][..],
+            &["drainit", "--drain-delay", "soon", "--", "app"],
+            &["drainit", "--stop-signal", "SIGNOPE", "--", "app"],
+            &["drainit", "--health-listen", "nowhere", "--", "app"],
+        ] {
+            let err = parse(argv.iter().copied()).unwrap_err();
+            assert_eq!(err.code, exit::USAGE, "{argv:?}");
+            assert!(!err.message.contains('\n'), "{argv:?}: {}", err.message);
+        }
+    }
+}

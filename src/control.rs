@@ -1,0 +1,196 @@
+//! The control channel between `drainit prestop` (the preStop hook) and the running drainit.
+//!
+//! A Unix socket, abstract by default: the hook needs no shell, no writable filesystem, and only
+//! processes in the pod's network namespace can reach it; it is never a TCP listener. The protocol
+//! is one line each way: the hook sends `drain`, drainit answers once the drain is over.
+
+use std::fmt;
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener as StdUnixListener};
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, warn};
+
+use crate::exit::StartupError;
+use crate::lifecycle::Phase;
+
+/// The request line of `drainit prestop`.
+pub const DRAIN_REQUEST: &str = "drain";
+/// Answer once the drain is over and the app may be stopped.
+pub const REPLY_DRAINED: &str = "drained";
+/// Answer when the app is gone (it exited, or was stopped) before or during the drain.
+pub const REPLY_APP_EXITED: &str = "app-exited";
+
+/// A peer that connects and says nothing must not hold a task forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longer than any valid request line.
+const MAX_REQUEST_BYTES: u64 = 64;
+/// The kernel's limit on `sun_path`, less the terminating NUL.
+const MAX_NAME_BYTES: usize = 107;
+
+/// Where the control socket lives: `@name` (abstract) or a filesystem path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlAddr {
+    Abstract(String),
+    Path(PathBuf),
+}
+
+impl FromStr for ControlAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (addr, name) = match text.strip_prefix('@') {
+            Some(name) => (Self::Abstract(name.to_owned()), name),
+            None => (Self::Path(PathBuf::from(text)), text),
+        };
+        if name.is_empty() {
+            return Err(format!(
+                "expected @name (abstract socket) or a socket file path, got '{text}'"
+            ));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(format!(
+                "socket names are limited to {MAX_NAME_BYTES} bytes, '{text}' is longer: pick a shorter one"
+            ));
+        }
+        Ok(addr)
+    }
+}
+
+impl fmt::Display for ControlAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Abstract(name) => write!(f, "@{name}"),
+            Self::Path(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+impl ControlAddr {
+    fn socket_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Self::Abstract(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+            Self::Path(path) => SocketAddr::from_pathname(path),
+        }
+    }
+
+    /// Binds the listener. A socket file left behind by a drainit that died is replaced; a live
+    /// one (another drainit in this pod) is an error, so two wrappers never share a channel.
+    pub fn bind(&self) -> Result<UnixListener, StartupError> {
+        let bound =
+            StdUnixListener::bind_addr(&self.socket_addr().map_err(|e| self.bind_error(e))?);
+        let listener = match (bound, self) {
+            (Err(e), Self::Path(path))
+                if e.kind() == io::ErrorKind::AddrInUse && self.is_stale() =>
+            {
+                std::fs::remove_file(path).map_err(|e| self.bind_error(e))?;
+                StdUnixListener::bind_addr(&self.socket_addr().map_err(|e| self.bind_error(e))?)
+            }
+            (result, _) => result,
+        }
+        .map_err(|e| self.bind_error(e))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| self.bind_error(e))?;
+        UnixListener::from_std(listener).map_err(|e| self.bind_error(e))
+    }
+
+    fn is_stale(&self) -> bool {
+        matches!(self.connect_std(), Err(e) if e.kind() == io::ErrorKind::ConnectionRefused)
+    }
+
+    fn connect_std(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        std::os::unix::net::UnixStream::connect_addr(&self.socket_addr()?)
+    }
+
+    /// Connects as a client (`drainit prestop`).
+    pub fn connect(&self) -> io::Result<UnixStream> {
+        let stream = self.connect_std()?;
+        stream.set_nonblocking(true)?;
+        UnixStream::from_std(stream)
+    }
+
+    fn bind_error(&self, error: io::Error) -> StartupError {
+        let fix = if error.kind() == io::ErrorKind::AddrInUse {
+            "another drainit already runs in this pod: give each one its own --control"
+        } else {
+            "pick another --control (an @name needs no filesystem)"
+        };
+        StartupError::setup(format!(
+            "cannot listen on control socket {self}: {error} ({fix})"
+        ))
+    }
+}
+
+/// Answers `drainit prestop` connections: each one asks for the drain and is answered when it is
+/// over. Runs until the process exits.
+pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, phase: watch::Receiver<Phase>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(answer(stream, drain.clone(), phase.clone()));
+            }
+            Err(e) => {
+                warn!(error = %e, "control socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut phase: watch::Receiver<Phase>) {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    if !matches!(request, Ok(Ok(_))) || line.trim() != DRAIN_REQUEST {
+        debug!(request = line.trim(), "ignoring malformed control request");
+        let _ = write.write_all(b"error: expected 'drain'\n").await;
+        return;
+    }
+    // The supervisor may already be gone (the app exited): the phase below says so.
+    let _ = drain.send(()).await;
+    let reply = match phase.wait_for(Phase::drain_is_over).await {
+        Ok(p) if matches!(*p, Phase::Exited { .. }) => REPLY_APP_EXITED,
+        Ok(_) => REPLY_DRAINED,
+        Err(_) => REPLY_APP_EXITED,
+    };
+    let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse() {
+        assert_eq!(
+            "@drainit".parse(),
+            Ok(ControlAddr::Abstract("drainit".into()))
+        );
+        assert_eq!(
+            "/run/d.sock".parse(),
+            Ok(ControlAddr::Path("/run/d.sock".into()))
+        );
+        assert!("@".parse::<ControlAddr>().is_err());
+        assert!("".parse::<ControlAddr>().is_err());
+        assert!(
+            format!("@{}", "x".repeat(200))
+                .parse::<ControlAddr>()
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in ["@drainit", "/tmp/x.sock"] {
+            assert_eq!(text.parse::<ControlAddr>().unwrap().to_string(), text);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! drainit: a PID-1 wrapper that drains a Kubernetes pod before stopping its app.
+//!
+//! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
+//! signal handlers ([`signals`]) so none is lost, bind the probe port ([`health`]) and the control
+//! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
+//! everything to the [`supervisor`], which drives the [`lifecycle`] state machine: reaping
+//! ([`reaper`]), draining ([`drain`]) and the shutdown budget.
+
+pub mod app;
+pub mod budget;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod drain;
+pub mod exit;
+pub mod health;
+pub mod lifecycle;
+pub mod logging;
+pub mod prestop;
+pub mod reaper;
+pub mod signals;
+pub mod supervisor;
+
+use std::process::ExitCode;
+
+use tokio::sync::mpsc;
+use tracing::error;
+
+use crate::app::App;
+use crate::cli::{Cli, Command, SharedArgs};
+use crate::config::RunConfig;
+use crate::exit::StartupError;
+use crate::lifecycle::{Event, Lifecycle};
+use crate::reaper::Reaper;
+use crate::supervisor::Supervisor;
+
+/// The whole program: `main.rs` only calls this.
+pub fn main() -> ExitCode {
+    let cli = match cli::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(e) if e.code == 0 => {
+            println!("{e}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("drainit: {e}");
+            return ExitCode::from(e.code);
+        }
+    };
+    if let Err(e) = logging::init(&cli.shared) {
+        eprintln!("drainit: {e}");
+        return ExitCode::from(e.code);
+    }
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            error!(exit_code = e.code, "{e}");
+            e.code
+        }
+    };
+    ExitCode::from(code)
+}
+
+fn run(cli: Cli) -> Result<u8, StartupError> {
+    let Cli {
+        subcommand,
+        run,
+        shared,
+    } = cli;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| StartupError::setup(format!("cannot start the async runtime: {e}")))?;
+    match subcommand {
+        Some(Command::Prestop(args)) => {
+            Ok(runtime.block_on(prestop::run(&shared.control, args.timeout)))
+        }
+        None => {
+            let config = RunConfig::from_args(run)?;
+            runtime.block_on(supervise(config, shared))
+        }
+    }
+}
+
+/// Sets everything up in the order that leaves nothing half-started on failure, then supervises
+/// the app until it exits.
+async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupError> {
+    let signals = signals::install()
+        .map_err(|e| StartupError::setup(format!("cannot install signal handlers: {e}")))?;
+    let probes = health::bind(config.health_listen)?;
+    let control = shared.control.bind()?;
+    Reaper::adopt_orphans();
+    let app = App::spawn(&config.command, config.forward_to_group)?;
+
+    let mut lifecycle = Lifecycle::default();
+    lifecycle.apply(Event::AppStarted);
+    let (drain_tx, drain_rx) = mpsc::channel(8);
+    tokio::spawn(health::serve(probes, lifecycle.subscribe()));
+    tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
+
+    let supervisor = Supervisor::new(
+        app,
+        lifecycle,
+        config.drain,
+        config.budget,
+        config.stop_signal,
+    );
+    Ok(supervisor.run(signals, drain_rx).await)
+}

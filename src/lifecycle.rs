@@ -1,0 +1,258 @@
+//! The pod's lifecycle as one state machine, published through a `watch` channel.
+//!
+//! The supervisor is the only writer; the probe server, the control channel and the drain read the
+//! current phase from the channel and never keep a copy, so `/ready` cannot disagree with what the
+//! supervisor decided.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tracing::info;
+
+/// What started the drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainTrigger {
+    /// SIGTERM from the kubelet, the runtime or an operator.
+    Sigterm,
+    /// `drainit prestop`, the preStop hook; the kubelet's SIGTERM follows once it returns.
+    Prestop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The app is being started and is not ready yet.
+    Starting,
+    /// The app runs and may receive traffic.
+    Ready,
+    /// Not ready any more; the app keeps serving while load balancers stop sending to it.
+    Draining { trigger: DrainTrigger },
+    /// A `prestop` drain is over; the app still runs until the kubelet's SIGTERM arrives.
+    Drained,
+    /// The app has been sent its stop signal.
+    Stopping,
+    /// The app is gone; drainit exits with `code`.
+    Exited { code: u8 },
+}
+
+/// Things that move the lifecycle forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    AppStarted,
+    DrainStarted(DrainTrigger),
+    DrainOver,
+    StopSignalSent,
+    AppExited { code: u8 },
+}
+
+impl Phase {
+    /// The transition table: the next phase, or `None` when the event does not apply now (a second
+    /// SIGTERM during a drain, a drain request after the app exited, ...).
+    pub fn next(self, event: Event) -> Option<Phase> {
+        use Phase::*;
+        match (self, event) {
+            (Exited { .. }, _) => None,
+            (_, Event::AppExited { code }) => Some(Exited { code }),
+            (Starting, Event::AppStarted) => Some(Ready),
+            (Starting | Ready, Event::DrainStarted(trigger)) => Some(Draining { trigger }),
+            (Draining { .. }, Event::DrainOver) => Some(Drained),
+            (Starting | Ready | Draining { .. } | Drained, Event::StopSignalSent) => Some(Stopping),
+            _ => None,
+        }
+    }
+
+    /// `/alive`: the app process exists (draining and stopping included).
+    pub fn is_alive(&self) -> bool {
+        !matches!(self, Phase::Exited { .. })
+    }
+
+    /// `/ready`: the app runs and drainit is not draining.
+    pub fn is_ready(&self) -> bool {
+        matches!(self, Phase::Ready)
+    }
+
+    /// The drain has started, whatever happened since.
+    pub fn drain_has_started(&self) -> bool {
+        !matches!(self, Phase::Starting | Phase::Ready)
+    }
+
+    /// Nothing is left to wait for before the app may be stopped.
+    pub fn drain_is_over(&self) -> bool {
+        matches!(
+            self,
+            Phase::Drained | Phase::Stopping | Phase::Exited { .. }
+        )
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Ready => "ready",
+            Phase::Draining { .. } => "draining",
+            Phase::Drained => "drained",
+            Phase::Stopping => "stopping",
+            Phase::Exited { .. } => "exited",
+        }
+    }
+}
+
+impl fmt::Display for DrainTrigger {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DrainTrigger::Sigterm => "SIGTERM",
+            DrainTrigger::Prestop => "prestop",
+        })
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The writer's side: applies events, logs each transition, publishes the phase.
+pub struct Lifecycle {
+    phase: watch::Sender<Phase>,
+    drain_started: Option<Instant>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self {
+            phase: watch::Sender::new(Phase::Starting),
+            drain_started: None,
+        }
+    }
+}
+
+impl Lifecycle {
+    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+        self.phase.subscribe()
+    }
+
+    pub fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// When the drain began, the origin of the drain timeline and of the shutdown budget.
+    pub fn drain_started(&self) -> Option<Instant> {
+        self.drain_started
+    }
+
+    /// Time since the drain began, for the timeline in the logs.
+    pub fn drain_elapsed(&self) -> Option<Duration> {
+        self.drain_started.map(|start| start.elapsed())
+    }
+
+    /// Applies `event`; returns whether the phase changed.
+    pub fn apply(&mut self, event: Event) -> bool {
+        let from = self.phase();
+        let Some(to) = from.next(event) else {
+            return false;
+        };
+        if matches!(event, Event::DrainStarted(_)) {
+            self.drain_started = Some(Instant::now());
+        }
+        self.phase.send_replace(to);
+        info!(
+            from = from.name(),
+            to = to.name(),
+            elapsed_ms = self.drain_elapsed().map(|e| e.as_millis() as u64),
+            "lifecycle transition"
+        );
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DrainTrigger::*;
+    use Event::*;
+
+    #[test]
+    fn sigterm_rollout_path() {
+        let mut phase = Phase::Starting;
+        for (event, expected) in [
+            (AppStarted, Phase::Ready),
+            (DrainStarted(Sigterm), Phase::Draining { trigger: Sigterm }),
+            (StopSignalSent, Phase::Stopping),
+            (AppExited { code: 0 }, Phase::Exited { code: 0 }),
+        ] {
+            phase = phase.next(event).unwrap();
+            assert_eq!(phase, expected);
+        }
+    }
+
+    #[test]
+    fn prestop_drain_waits_in_drained() {
+        let phase = Phase::Ready.next(DrainStarted(Prestop)).unwrap();
+        let phase = phase.next(DrainOver).unwrap();
+        assert_eq!(phase, Phase::Drained);
+        assert!(phase.drain_is_over() && !phase.is_ready() && phase.is_alive());
+        assert_eq!(phase.next(StopSignalSent), Some(Phase::Stopping));
+    }
+
+    #[test]
+    fn a_second_drain_or_anything_after_exit_is_ignored() {
+        let draining = Phase::Draining { trigger: Sigterm };
+        assert_eq!(draining.next(DrainStarted(Prestop)), None);
+        assert_eq!(Phase::Stopping.next(DrainStarted(Sigterm)), None);
+        let exited = Phase::Exited { code: 3 };
+        for event in [
+            AppStarted,
+            DrainStarted(Sigterm),
+            DrainOver,
+            StopSignalSent,
+            AppExited { code: 1 },
+        ] {
+            assert_eq!(exited.next(event), None);
+        }
+    }
+
+    #[test]
+    fn the_app_can_exit_in_any_phase() {
+        for phase in [
+            Phase::Starting,
+            Phase::Ready,
+            Phase::Draining { trigger: Prestop },
+            Phase::Drained,
+            Phase::Stopping,
+        ] {
+            assert_eq!(
+                phase.next(AppExited { code: 9 }),
+                Some(Phase::Exited { code: 9 })
+            );
+        }
+    }
+
+    #[test]
+    fn probes_follow_the_phase() {
+        assert!(Phase::Ready.is_ready());
+        for phase in [
+            Phase::Starting,
+            Phase::Draining { trigger: Sigterm },
+            Phase::Drained,
+            Phase::Stopping,
+            Phase::Exited { code: 0 },
+        ] {
+            assert!(!phase.is_ready(), "{phase}");
+        }
+        assert!(Phase::Stopping.is_alive());
+        assert!(!Phase::Exited { code: 0 }.is_alive());
+    }
+
+    #[test]
+    fn the_writer_records_the_drain_start_once() {
+        let mut lifecycle = Lifecycle::default();
+        let reader = lifecycle.subscribe();
+        assert!(lifecycle.apply(AppStarted));
+        assert!(lifecycle.drain_started().is_none());
+        assert!(lifecycle.apply(DrainStarted(Sigterm)));
+        let started = lifecycle.drain_started().unwrap();
+        assert!(!lifecycle.apply(DrainStarted(Prestop)));
+        assert_eq!(lifecycle.drain_started(), Some(started));
+        assert_eq!(*reader.borrow(), Phase::Draining { trigger: Sigterm });
+    }
+}

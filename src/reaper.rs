@@ -1,0 +1,86 @@
+//! The one and only reaper: as PID 1 (or a child subreaper) drainit inherits every orphan in the
+//! container and must collect each one, or zombies pile up.
+//!
+//! Nothing else in drainit waits on a child. A second waiter (say `Child::wait()` on the app)
+//! races this one, and the loser gets ECHILD: the app's exit status would be lost.
+
+use nix::errno::Errno;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{self, Pid};
+use tracing::{debug, info, warn};
+
+use crate::exit;
+
+/// A child that was collected, with the exit code a shell would report for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reaped {
+    pub pid: Pid,
+    pub code: u8,
+}
+
+#[derive(Debug, Default)]
+pub struct Reaper {
+    orphans_reaped: u64,
+}
+
+impl Reaper {
+    /// Becomes the reaper of orphaned descendants when drainit is not PID 1 (then the kernel
+    /// would hand them to the real init, and the app's daemons would escape the budget).
+    pub fn adopt_orphans() {
+        if unistd::getpid().as_raw() == 1 {
+            return;
+        }
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            warn!(error = %e, "cannot become a child subreaper: orphans will go to the real init");
+        }
+    }
+
+    /// Collects every child that has exited, without blocking; returns the one that is `app`,
+    /// if it is among them. Called on each SIGCHLD (signals coalesce: one may stand for many).
+    pub fn reap(&mut self, app: Pid) -> Option<Reaped> {
+        let mut app_exit = None;
+        while let Some(reaped) = reap_one() {
+            if reaped.pid == app {
+                app_exit = Some(reaped);
+            } else {
+                self.orphans_reaped += 1;
+                debug!(
+                    pid = reaped.pid.as_raw(),
+                    code = reaped.code,
+                    "reaped a zombie"
+                );
+            }
+        }
+        app_exit
+    }
+
+    pub fn orphans_reaped(&self) -> u64 {
+        self.orphans_reaped
+    }
+}
+
+fn reap_one() -> Option<Reaped> {
+    loop {
+        return match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => Some(Reaped {
+                pid,
+                code: code as u8,
+            }),
+            Ok(WaitStatus::Signaled(pid, signal, _)) => Some(Reaped {
+                pid,
+                code: exit::killed_by(signal as i32),
+            }),
+            // Stopped/continued children are not reported without WUNTRACED/WCONTINUED.
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => None,
+            Ok(other) => {
+                info!(status = ?other, "unexpected wait status");
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                warn!(error = %e, "waitpid failed");
+                None
+            }
+        };
+    }
+}

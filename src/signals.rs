@@ -1,0 +1,135 @@
+//! Which signals drainit catches and what each one means for the pod.
+//!
+//! SIGTERM is the kubelet's "stop": it starts the drain instead of being forwarded. SIGCHLD drives
+//! the reaper. Every other catchable signal is the app's business and is forwarded to it. Handlers
+//! are installed before the app is spawned so that no signal sent during start-up is lost.
+
+use std::str::FromStr;
+
+use nix::sys::signal::Signal;
+use signal_hook::consts::signal as sig;
+use signal_hook_tokio::Signals;
+
+/// The signal that starts the drain (what the kubelet and `docker stop` send).
+pub const DRAIN_TRIGGER: i32 = sig::SIGTERM;
+
+/// Forwarded to the app at any time. SIGKILL and SIGSTOP cannot be caught; SIGSEGV, SIGBUS, SIGILL,
+/// SIGFPE, SIGTRAP, SIGABRT and SIGSYS report drainit's own faults and are left alone; SIGPIPE is
+/// drainit's own broken pipes.
+const FORWARDED: [i32; 18] = [
+    sig::SIGHUP,
+    sig::SIGINT,
+    sig::SIGQUIT,
+    sig::SIGUSR1,
+    sig::SIGUSR2,
+    sig::SIGALRM,
+    sig::SIGCONT,
+    sig::SIGTSTP,
+    sig::SIGTTIN,
+    sig::SIGTTOU,
+    sig::SIGURG,
+    sig::SIGXCPU,
+    sig::SIGXFSZ,
+    sig::SIGVTALRM,
+    sig::SIGPROF,
+    sig::SIGWINCH,
+    sig::SIGIO,
+    nix::libc::SIGPWR,
+];
+
+/// What a caught signal asks drainit to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Meaning {
+    /// A child changed state: reap.
+    ChildExited,
+    /// Start the drain (or, after a `drainit prestop` drain, stop the app now).
+    Drain,
+    /// SIGINT/SIGQUIT: an operator wants the app stopped now; during a drain this cuts it short.
+    Interrupt(i32),
+    /// Any other signal: the app's business.
+    Forward(i32),
+}
+
+pub fn meaning(signal: i32) -> Meaning {
+    match signal {
+        sig::SIGCHLD => Meaning::ChildExited,
+        DRAIN_TRIGGER => Meaning::Drain,
+        sig::SIGINT | sig::SIGQUIT => Meaning::Interrupt(signal),
+        other => Meaning::Forward(other),
+    }
+}
+
+/// Every signal drainit handles, real-time signals included.
+fn handled() -> impl Iterator<Item = i32> {
+    let realtime = libc_sigrtmin()..=libc_sigrtmax();
+    [sig::SIGCHLD, DRAIN_TRIGGER]
+        .into_iter()
+        .chain(FORWARDED)
+        .chain(realtime)
+}
+
+fn libc_sigrtmin() -> i32 {
+    nix::libc::SIGRTMIN()
+}
+
+fn libc_sigrtmax() -> i32 {
+    nix::libc::SIGRTMAX()
+}
+
+/// Installs the handlers; the returned stream yields each caught signal's number.
+pub fn install() -> std::io::Result<Signals> {
+    Signals::new(handled())
+}
+
+/// `TERM`, `SIGTERM`, `sigterm` or `15`.
+pub fn parse_signal(text: &str) -> Result<Signal, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let parsed = match upper.parse::<i32>() {
+        Ok(number) => Signal::try_from(number).ok(),
+        Err(_) => {
+            let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+            Signal::from_str(&format!("SIG{name}")).ok()
+        }
+    };
+    parsed.ok_or_else(|| format!("expected a signal like TERM, SIGQUIT or 15, got '{text}'"))
+}
+
+/// `SIGHUP`, or `SIGRTMIN+3` for real-time signals, for logs.
+pub fn name(signal: i32) -> String {
+    match Signal::try_from(signal) {
+        Ok(known) => known.as_str().to_owned(),
+        Err(_) if signal >= libc_sigrtmin() => format!("SIGRTMIN+{}", signal - libc_sigrtmin()),
+        Err(_) => format!("signal {signal}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_names_numbers_and_prefixes() {
+        assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT));
+        assert_eq!(parse_signal("winch"), Ok(Signal::SIGWINCH));
+        assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM));
+        assert!(parse_signal("NOPE").is_err());
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("99").is_err());
+    }
+
+    #[test]
+    fn term_drains_int_and_quit_interrupt_the_rest_forward() {
+        assert_eq!(meaning(sig::SIGTERM), Meaning::Drain);
+        assert_eq!(meaning(sig::SIGCHLD), Meaning::ChildExited);
+        assert_eq!(meaning(sig::SIGINT), Meaning::Interrupt(sig::SIGINT));
+        assert_eq!(meaning(sig::SIGHUP), Meaning::Forward(sig::SIGHUP));
+        assert!(handled().any(|s| s == libc_sigrtmax()));
+    }
+
+    #[test]
+    fn names_for_logs() {
+        assert_eq!(name(sig::SIGHUP), "SIGHUP");
+        assert_eq!(name(libc_sigrtmin() + 2), "SIGRTMIN+2");
+    }
+}

@@ -1,0 +1,251 @@
+//! The supervisor: one loop that turns signals, prestop requests, timers and the app's exit into
+//! lifecycle events, in the order they happen. It is the only writer of the lifecycle.
+
+use std::future::{Future, pending};
+use std::pin::Pin;
+use std::time::Instant;
+
+use futures_util::StreamExt;
+use nix::sys::signal::Signal;
+use signal_hook_tokio::Signals;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::app::App;
+use crate::budget::Budget;
+use crate::drain::{DrainEnd, DrainPolicy, PRESTOP_HANDOFF};
+use crate::lifecycle::{DrainTrigger, Event, Lifecycle, Phase};
+use crate::reaper::Reaper;
+use crate::signals::{self, Meaning};
+
+type DrainFuture = Pin<Box<dyn Future<Output = DrainEnd>>>;
+
+pub struct Supervisor {
+    app: App,
+    lifecycle: Lifecycle,
+    reaper: Reaper,
+    drain_policy: DrainPolicy,
+    budget: Budget,
+    stop_signal: Signal,
+    /// The drain under way, if any.
+    drain: Option<DrainFuture>,
+    /// SIGTERM arrived while a prestop drain was under way: stop as soon as it is over.
+    sigterm_during_prestop: bool,
+    /// A prestop drain is over and the kubelet's SIGTERM has not come yet.
+    handoff_deadline: Option<Instant>,
+    /// When the app's group gets SIGKILL.
+    kill_deadline: Option<Instant>,
+}
+
+impl Supervisor {
+    pub fn new(
+        app: App,
+        lifecycle: Lifecycle,
+        drain_policy: DrainPolicy,
+        budget: Budget,
+        stop_signal: Signal,
+    ) -> Self {
+        Self {
+            app,
+            lifecycle,
+            reaper: Reaper::default(),
+            drain_policy,
+            budget,
+            stop_signal,
+            drain: None,
+            sigterm_during_prestop: false,
+            handoff_deadline: None,
+            kill_deadline: None,
+        }
+    }
+
+    /// Runs until the app has exited; returns drainit's exit code (the app's).
+    pub async fn run(mut self, mut signals: Signals, mut drain_requests: mpsc::Receiver<()>) -> u8 {
+        loop {
+            if let Phase::Exited { code } = self.lifecycle.phase() {
+                return code;
+            }
+            tokio::select! {
+                // Signals first: an exit or a SIGTERM must never wait behind a timer.
+                biased;
+                Some(signal) = signals.next() => self.on_signal(signal),
+                end = drain_over(&mut self.drain) => self.on_drain_over(end),
+                () = at(self.kill_deadline) => self.on_budget_spent(),
+                () = at(self.handoff_deadline) => self.on_handoff_timeout(),
+                Some(()) = drain_requests.recv() => self.start_drain(DrainTrigger::Prestop),
+            }
+        }
+    }
+
+    fn on_signal(&mut self, signal: i32) {
+        match signals::meaning(signal) {
+            Meaning::ChildExited => {
+                if let Some(exit) = self.reaper.reap(self.app.pid) {
+                    self.on_app_exit(exit.code);
+                }
+            }
+            Meaning::Drain => self.on_sigterm(),
+            Meaning::Interrupt(signal) => self.on_interrupt(signal),
+            Meaning::Forward(signal) => {
+                info!(
+                    signal = signals::name(signal),
+                    "forwarding signal to the app"
+                );
+                self.app.forward(signal);
+            }
+        }
+    }
+
+    fn on_sigterm(&mut self) {
+        match self.lifecycle.phase() {
+            Phase::Starting | Phase::Ready => self.start_drain(DrainTrigger::Sigterm),
+            Phase::Draining {
+                trigger: DrainTrigger::Prestop,
+            } => {
+                self.sigterm_during_prestop = true;
+                info!(
+                    elapsed_ms = self.elapsed_ms(),
+                    "SIGTERM during the prestop drain: the app is stopped when the drain is over"
+                );
+            }
+            Phase::Drained => {
+                info!(
+                    elapsed_ms = self.elapsed_ms(),
+                    "SIGTERM after the prestop drain"
+                );
+                self.stop_app();
+            }
+            Phase::Draining { .. } | Phase::Stopping => {
+                info!(
+                    elapsed_ms = self.elapsed_ms(),
+                    "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)"
+                );
+            }
+            Phase::Exited { .. } => {}
+        }
+    }
+
+    /// SIGINT and SIGQUIT are an operator's "now": they end a drain early and reach the app as is.
+    fn on_interrupt(&mut self, signal: i32) {
+        let name = signals::name(signal);
+        if matches!(
+            self.lifecycle.phase(),
+            Phase::Draining { .. } | Phase::Drained
+        ) {
+            info!(
+                signal = name,
+                elapsed_ms = self.elapsed_ms(),
+                "drain cut short: forwarding to the app now"
+            );
+            self.drain = None;
+            self.handoff_deadline = None;
+            self.app.forward(signal);
+            self.lifecycle.apply(Event::StopSignalSent);
+        } else {
+            info!(signal = name, "forwarding signal to the app");
+            self.app.forward(signal);
+        }
+    }
+
+    fn start_drain(&mut self, trigger: DrainTrigger) {
+        if !self.lifecycle.apply(Event::DrainStarted(trigger)) {
+            return;
+        }
+        let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
+        let kill_at = self.budget.kill_at(started);
+        info!(
+            trigger = %trigger,
+            drain_ms = self.drain_policy.longest().as_millis() as u64,
+            kill_after_ms = (kill_at - started).as_millis() as u64,
+            elapsed_ms = 0u64,
+            "drain started: /ready answers 503, the app keeps serving"
+        );
+        self.drain = Some(Box::pin(self.drain_policy.run(started)));
+        self.kill_deadline = Some(kill_at);
+    }
+
+    fn on_drain_over(&mut self, end: DrainEnd) {
+        self.drain = None;
+        let trigger = match self.lifecycle.phase() {
+            Phase::Draining { trigger } => trigger,
+            _ => return,
+        };
+        info!(
+            reason = end.reason,
+            elapsed_ms = end.elapsed.as_millis() as u64,
+            "drain over"
+        );
+        self.lifecycle.apply(Event::DrainOver);
+        if trigger == DrainTrigger::Sigterm || self.sigterm_during_prestop {
+            self.stop_app();
+        } else {
+            info!(
+                elapsed_ms = self.elapsed_ms(),
+                "waiting for the kubelet's SIGTERM to stop the app"
+            );
+            self.handoff_deadline = Some(Instant::now() + PRESTOP_HANDOFF);
+        }
+    }
+
+    fn on_handoff_timeout(&mut self) {
+        warn!(
+            elapsed_ms = self.elapsed_ms(),
+            "no SIGTERM within {PRESTOP_HANDOFF:?} of the prestop drain: stopping the app anyway"
+        );
+        self.stop_app();
+    }
+
+    fn stop_app(&mut self) {
+        self.handoff_deadline = None;
+        info!(
+            signal = self.stop_signal.as_str(),
+            elapsed_ms = self.elapsed_ms(),
+            "sending the stop signal to the app"
+        );
+        self.app.stop(self.stop_signal);
+        self.lifecycle.apply(Event::StopSignalSent);
+    }
+
+    fn on_budget_spent(&mut self) {
+        self.kill_deadline = None;
+        warn!(
+            elapsed_ms = self.elapsed_ms(),
+            pgid = self.app.pid.as_raw(),
+            "shutdown budget spent (grace period - 1s): SIGKILL to the app's process group"
+        );
+        self.app.kill_group();
+    }
+
+    fn on_app_exit(&mut self, code: u8) {
+        self.drain = None;
+        self.kill_deadline = None;
+        self.handoff_deadline = None;
+        info!(
+            code,
+            elapsed_ms = self.elapsed_ms(),
+            orphans_reaped = self.reaper.orphans_reaped(),
+            "app exited"
+        );
+        self.lifecycle.apply(Event::AppExited { code });
+    }
+
+    fn elapsed_ms(&self) -> Option<u64> {
+        self.lifecycle.drain_elapsed().map(|e| e.as_millis() as u64)
+    }
+}
+
+/// Resolves with the end of the drain under way; never, if there is none.
+async fn drain_over(drain: &mut Option<DrainFuture>) -> DrainEnd {
+    match drain {
+        Some(drain) => drain.await,
+        None => pending().await,
+    }
+}
+
+/// Resolves at `deadline`; never, if there is none.
+async fn at(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => pending().await,
+    }
+}
