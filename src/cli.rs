@@ -21,6 +21,7 @@ use crate::exit::{self, StartupError};
     name = "drainit",
     version,
     args_conflicts_with_subcommands = true,
+    args_override_self = true,
     override_usage = "drainit [OPTIONS] -- <COMMAND> [ARGS]...\n       drainit prestop [--control <ADDR>] [--timeout <DURATION>]"
 )]
 pub struct Cli {

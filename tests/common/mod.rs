@@ -1,0 +1,353 @@
+//! Test harness: runs the real drainit binary around the demo app (or any command) and observes
+//! it from outside, as a user would: signals, HTTP probes, its JSON logs and the app's stdout.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+pub fn drainit_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
+}
+
+/// The example app, built by cargo next to drainit.
+pub fn demo_app_bin() -> PathBuf {
+    let dir = drainit_bin().parent().unwrap().to_path_buf();
+    let app = dir.join("examples/demo_app");
+    assert!(
+        app.exists(),
+        "{} is missing: cargo builds examples with the tests",
+        app.display()
+    );
+    app
+}
+
+/// A control socket name no other test uses.
+pub fn unique_control() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "@drainit-test-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// One line from a child's stream, with the time the test saw it.
+#[derive(Debug, Clone)]
+pub struct Line {
+    pub at: Instant,
+    pub text: String,
+}
+
+/// Reads a stream line by line on a thread, timestamping each line.
+fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for text in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx
+                .send(Line {
+                    at: Instant::now(),
+                    text,
+                })
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Lines seen so far plus the ones still to come.
+pub struct LineLog {
+    rx: Receiver<Line>,
+    pub seen: Vec<Line>,
+}
+
+impl LineLog {
+    fn new(rx: Receiver<Line>) -> Self {
+        Self {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line (seen or to come within `timeout`) that matches.
+    pub fn wait_for(&mut self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<Line> {
+        if let Some(line) = self.seen.iter().find(|l| matches(&l.text)) {
+            return Some(line.clone());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if matches(&line.text) {
+                        return Some(line);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Takes in whatever has arrived, waiting up to `timeout` for the stream to end.
+    pub fn drain(&mut self, timeout: Duration) -> &[Line] {
+        let deadline = Instant::now() + timeout;
+        while let Ok(line) = self
+            .rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
+
+    pub fn count(&self, matches: impl Fn(&str) -> bool) -> usize {
+        self.seen.iter().filter(|l| matches(&l.text)).count()
+    }
+
+    pub fn text(&self) -> String {
+        self.seen
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// A running drainit, killed (with its app's group) if the test ends early.
+pub struct Drainit {
+    pub child: Child,
+    pub health: SocketAddr,
+    pub control: String,
+    /// drainit's JSON log lines (stderr).
+    pub logs: LineLog,
+    /// The app's stdout (drainit passes it through untouched).
+    pub app: LineLog,
+    status: Option<ExitStatus>,
+}
+
+pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Drainit {
+    /// drainit `options` around `command`, with a free probe port and its own control socket.
+    pub fn start(options: &[&str], command: &[&str]) -> Self {
+        Self::start_with(Command::new(drainit_bin()), options, command)
+    }
+
+    /// drainit around the demo app on a free port, plus `app_options`.
+    pub fn demo(options: &[&str], app_options: &[&str]) -> Self {
+        let app = demo_app_bin();
+        let mut command = vec![app.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        command.extend_from_slice(app_options);
+        let mut drainit = Self::start(options, &command);
+        drainit.app_line("demo-app: listening on");
+        drainit
+    }
+
+    /// As `start`, from a prepared `Command` (a wrapper like unshare, environment variables).
+    pub fn start_with(mut cmd: Command, options: &[&str], command: &[&str]) -> Self {
+        let given = options
+            .iter()
+            .position(|o| *o == "--control")
+            .map(|i| options[i + 1].to_owned());
+        let control = given.unwrap_or_else(unique_control);
+        // Options given later on the command line win over these defaults.
+        cmd.args([
+            "--log-format",
+            "json",
+            "--health-listen",
+            "127.0.0.1:0",
+            "--control",
+            &control,
+        ])
+        .args(options)
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn drainit");
+        let mut logs = LineLog::new(collect_lines(child.stderr.take().unwrap()));
+        let app = LineLog::new(collect_lines(child.stdout.take().unwrap()));
+        let listening = logs
+            .wait_for(START_TIMEOUT, |l| l.contains("probe server listening"))
+            .unwrap_or_else(|| panic!("drainit did not start; logs:\n{}", logs.text()));
+        let health = json(&listening.text)["addr"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        Self {
+            child,
+            health,
+            control,
+            logs,
+            app,
+            status: None,
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("signal drainit");
+    }
+
+    /// Sends `signal` and returns when it was sent.
+    pub fn signal_at(&self, signal: Signal) -> Instant {
+        let at = Instant::now();
+        self.signal(signal);
+        at
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.health, path)
+    }
+
+    /// The first app stdout line starting with `prefix`; panics after a generous timeout.
+    pub fn app_line(&mut self, prefix: &str) -> Line {
+        self.app
+            .wait_for(START_TIMEOUT, |l| l.starts_with(prefix))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no app line '{prefix}'; app said:\n{}\ndrainit logged:\n{}",
+                    self.app.text(),
+                    self.logs.text()
+                )
+            })
+    }
+
+    /// The first log line whose message contains `message`.
+    pub fn log(&mut self, message: &str) -> Value {
+        let line = self
+            .logs
+            .wait_for(START_TIMEOUT, |l| {
+                json(l)["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(message))
+            })
+            .unwrap_or_else(|| panic!("no log '{message}'; drainit logged:\n{}", self.logs.text()));
+        json(&line.text)
+    }
+
+    /// Waits for drainit to exit; panics after `timeout`.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        if let Some(status) = self.status {
+            return status;
+        }
+        let status = wait_timeout(&mut self.child, timeout).unwrap_or_else(|| {
+            panic!(
+                "drainit still running after {timeout:?}; logs:\n{}",
+                self.logs.text()
+            )
+        });
+        self.status = Some(status);
+        // Both pipes close once drainit and the app are gone: take in their last lines.
+        self.app.drain(Duration::from_secs(1));
+        self.logs.drain(Duration::from_secs(1));
+        status
+    }
+
+    /// drainit's exit code; panics if it was killed by a signal or is still running.
+    pub fn exit_code(&mut self, timeout: Duration) -> i32 {
+        let status = self.wait(timeout);
+        status
+            .code()
+            .unwrap_or_else(|| panic!("drainit died of a signal: {status:?}"))
+    }
+
+    /// The app's pid, from drainit's log.
+    pub fn app_pid(&mut self) -> i32 {
+        self.log("app started")["pid"].as_i64().unwrap() as i32
+    }
+}
+
+impl Drop for Drainit {
+    fn drop(&mut self) {
+        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+pub fn json(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
+}
+
+/// A raw request; returns the status code and the whole response.
+pub fn http_request(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let code = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {response:?}"));
+    (code, response)
+}
+
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// Polls `check` every millisecond until it holds; returns how long that took.
+pub fn time_until(timeout: Duration, check: impl Fn() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if check() {
+            return Some(start.elapsed());
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// Whether `pid` is still a live (not zombie) process.
+pub fn is_running(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            !matches!(state, Some('Z' | 'X'))
+        }
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,235 @@
+//! The drain timeline on the real binary: SIGTERM, the 503 flip, the app kept serving, the stop
+//! signal after the delay, the exit code; and what interrupts that timeline.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Drainit, http_get, time_until};
+use nix::sys::signal::Signal;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn app_addr(drainit: &mut Drainit) -> std::net::SocketAddr {
+    let line = drainit.app_line("demo-app: listening on");
+    line.text.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn sigterm_flips_ready_keeps_serving_then_stops_the_app_and_exits_with_its_code() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "1s", "--grace-period", "6s"],
+        &["--exit-code", "3"],
+    );
+    let app = app_addr(&mut drainit);
+    assert_eq!(drainit.get("/ready").0, 200);
+    assert_eq!(drainit.get("/alive").0, 200);
+
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    let flip =
+        time_until(SECS(1), || drainit.get("/ready").0 == 503).expect("/ready never turned 503");
+    assert!(
+        flip < Duration::from_millis(200),
+        "/ready took {flip:?} to flip"
+    );
+
+    // Draining: not ready, still alive, and the app still answers its own traffic.
+    assert_eq!(drainit.get("/alive").0, 200);
+    assert_eq!(http_get(app, "/").0, 200);
+    assert!(
+        drainit
+            .app
+            .wait_for(Duration::from_millis(700), |l| l.contains("signal TERM"))
+            .is_none(),
+        "stop signal came before the drain delay"
+    );
+
+    let stop = drainit.app_line("demo-app: signal TERM");
+    let delay = stop.at - sigterm;
+    assert!(
+        delay >= SECS(1) && delay < Duration::from_millis(1600),
+        "stop signal {delay:?} after SIGTERM"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 3);
+    assert_eq!(
+        drainit.app.count(|l| l.contains("signal TERM")),
+        1,
+        "exactly one stop signal"
+    );
+
+    // The timeline is in the logs, with elapsed milliseconds.
+    let over = drainit.log("drain over");
+    assert!(over["elapsed_ms"].as_u64().unwrap() >= 1000);
+}
+
+#[test]
+fn stop_signal_is_configurable() {
+    let mut drainit = Drainit::demo(&["--drain-delay", "200ms", "--stop-signal", "QUIT"], &[]);
+    drainit.signal(Signal::SIGTERM);
+    drainit.app_line("demo-app: signal QUIT");
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+    assert_eq!(drainit.app.count(|l| l.contains("signal TERM")), 0);
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_is_ignored() {
+    let mut drainit = Drainit::demo(&["--drain-delay", "1500ms"], &[]);
+    let first = drainit.signal_at(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    drainit.signal(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal TERM");
+    assert!(
+        stop.at - first >= Duration::from_millis(1500),
+        "second SIGTERM cut the drain short"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+    drainit.app.drain(SECS(1));
+    assert_eq!(drainit.app.count(|l| l.contains("signal TERM")), 1);
+    drainit.log("SIGTERM again: ignored");
+}
+
+#[test]
+fn sigint_and_sigquit_cut_the_drain_short() {
+    for (signal, name) in [(Signal::SIGINT, "INT"), (Signal::SIGQUIT, "QUIT")] {
+        let mut drainit = Drainit::demo(&["--drain-delay", "20s"], &["--exit-code", "4"]);
+        drainit.signal(Signal::SIGTERM);
+        std::thread::sleep(Duration::from_millis(200));
+        let interrupt = drainit.signal_at(signal);
+        let forwarded = drainit.app_line(&format!("demo-app: signal {name}"));
+        assert!(
+            forwarded.at - interrupt < SECS(1),
+            "{name} took {:?}",
+            forwarded.at - interrupt
+        );
+        assert_eq!(drainit.exit_code(SECS(5)), 4);
+        assert_eq!(
+            drainit.app.count(|l| l.contains("signal TERM")),
+            0,
+            "{name}: app also got TERM"
+        );
+    }
+}
+
+#[test]
+fn the_app_exiting_during_the_drain_ends_it_at_once_with_the_apps_code() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "20s"],
+        &["--exit-after", "1000", "--exit-code", "9"],
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(5)), 9);
+}
+
+#[test]
+fn an_app_that_ignores_the_stop_signal_is_killed_with_its_group_before_the_grace_period_ends() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "500ms", "--grace-period", "2500ms"],
+        &["--ignore-term", "--spawn-grandchild"],
+    );
+    let grandchild: i32 = drainit
+        .app_line("demo-app: grandchild pid")
+        .text
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(common::is_running(grandchild));
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    drainit.app_line("demo-app: signal TERM");
+    assert_eq!(drainit.exit_code(SECS(10)), 137, "budget kill exits 137");
+    let killed_after = sigterm.elapsed();
+    // grace 2.5s - 1s margin = 1.5s after SIGTERM (generous upper bound for a loaded machine).
+    assert!(
+        killed_after >= Duration::from_millis(1500) && killed_after < SECS(3),
+        "killed after {killed_after:?}"
+    );
+    assert!(
+        time_until(SECS(2), || !common::is_running(grandchild)).is_some(),
+        "the grandchild {grandchild} survived the budget kill"
+    );
+    drainit.log("shutdown budget spent");
+}
+
+#[test]
+fn exit_codes_and_deaths_by_signal_propagate() {
+    for (script, expected) in [
+        ("exit 0", 0),
+        ("exit 5", 5),
+        ("kill -KILL $$", 137),
+        ("kill -USR1 $$", 138),
+    ] {
+        let mut drainit = Drainit::start(&[], &["sh", "-c", script]);
+        assert_eq!(drainit.exit_code(SECS(5)), expected, "sh -c '{script}'");
+    }
+}
+
+#[test]
+fn other_signals_are_forwarded_to_the_app_untouched() {
+    let mut drainit = Drainit::demo(&[], &[]);
+    for (signal, name) in [
+        (Signal::SIGHUP, "HUP"),
+        (Signal::SIGUSR1, "USR1"),
+        (Signal::SIGUSR2, "USR2"),
+        (Signal::SIGWINCH, "WINCH"),
+        (Signal::SIGALRM, "ALRM"),
+        (Signal::SIGCONT, "CONT"),
+    ] {
+        drainit.signal(signal);
+        drainit.app_line(&format!("demo-app: signal {name}"));
+    }
+    assert_eq!(
+        drainit.get("/ready").0,
+        200,
+        "forwarding must not start a drain"
+    );
+    drainit.signal(Signal::SIGINT);
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn with_group_signals_reach_every_process_of_the_app() {
+    let script = r#"trap 'echo parent-hup' HUP
+sh -c 'trap "echo child-hup" HUP; echo child-up; while :; do sleep 0.05; done' &
+while :; do sleep 0.05; done"#;
+    for (group, expect_child) in [(true, true), (false, false)] {
+        let options: &[&str] = if group {
+            &["--group", "--grace-period", "3s", "--drain-delay", "0"]
+        } else {
+            &["--grace-period", "3s", "--drain-delay", "0"]
+        };
+        let mut drainit = Drainit::start(options, &["sh", "-c", script]);
+        drainit.app_line("child-up");
+        drainit.signal(Signal::SIGHUP);
+        drainit.app_line("parent-hup");
+        let child_got_it = drainit
+            .app
+            .wait_for(Duration::from_millis(500), |l| l == "child-hup")
+            .is_some();
+        assert_eq!(child_got_it, expect_child, "--group={group}");
+        drainit.signal(Signal::SIGTERM);
+        // sh ignores nothing: TERM kills the script; the budget kill takes care of the rest.
+        drainit.wait(SECS(5));
+    }
+}
+
+#[test]
+fn environment_variables_configure_and_flags_win() {
+    let mut cmd = std::process::Command::new(common::drainit_bin());
+    cmd.env("DRAINIT_DRAIN_DELAY", "20s")
+        .env("DRAINIT_STOP_SIGNAL", "USR2");
+    let app = common::demo_app_bin();
+    let mut drainit = Drainit::start_with(
+        cmd,
+        &["--drain-delay", "300ms"],
+        &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+    );
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal USR2");
+    assert!(
+        stop.at - sigterm < SECS(3),
+        "the flag's 300ms must win over DRAINIT_DRAIN_DELAY=20s"
+    );
+    drainit.signal(Signal::SIGINT);
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
