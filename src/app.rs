@@ -114,7 +114,7 @@ fn spawn_error(program: &OsString, error: io::Error) -> StartupError {
     let (code, fix) = match error.kind() {
         io::ErrorKind::NotFound => (
             exit::NOT_FOUND,
-            "check the path and PATH inside the image (or the #! interpreter of a script)",
+            "check the path, PATH inside the image, or a script's #! interpreter",
         ),
         io::ErrorKind::PermissionDenied => (
             exit::NOT_EXECUTABLE,
@@ -127,7 +127,7 @@ fn spawn_error(program: &OsString, error: io::Error) -> StartupError {
     };
     StartupError {
         code,
-        message: format!("cannot run '{program}': {error} ({fix})"),
+        message: format!("cannot run '{program}': {error}; {fix}"),
     }
 }
 

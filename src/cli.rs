@@ -140,8 +140,14 @@ fn one_line_error(error: clap::Error) -> StartupError {
     let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or("bad command line");
     let first = first.strip_prefix("error: ").unwrap_or(first);
-    let tip = lines.find_map(|l| l.strip_prefix("tip: "));
-    let fix = tip.map_or_else(|| "see drainit --help".to_owned(), str::to_owned);
+    let fix = match error.kind() {
+        ErrorKind::UnknownArgument => {
+            "see drainit --help; the app's own flags go after --".to_owned()
+        }
+        _ => lines
+            .find_map(|l| l.strip_prefix("tip: "))
+            .map_or_else(|| "see drainit --help".to_owned(), str::to_owned),
+    };
     StartupError {
         code: exit::USAGE,
         message: format!("{first} ({fix})"),

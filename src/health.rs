@@ -38,14 +38,14 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     };
     let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
     listener.set_nonblocking(true).map_err(fail)?;
-    let listener = TcpListener::from_std(listener).map_err(fail)?;
-    let local = listener.local_addr().map_err(fail)?;
-    info!(addr = %local, "probe server listening");
-    Ok(listener)
+    TcpListener::from_std(listener).map_err(fail)
 }
 
 /// Serves probes until the process exits.
 pub async fn serve(listener: TcpListener, phase: watch::Receiver<Phase>) {
+    if let Ok(addr) = listener.local_addr() {
+        info!(%addr, "probe server listening");
+    }
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {

@@ -1,0 +1,182 @@
+//! Every kind of bad input gets one clear line, the documented exit code, and nothing started.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Drainit, drainit_bin, unique_control};
+
+/// Runs drainit to completion with a free port and control socket unless `args` name their own;
+/// `touch` is the command it would run, to prove the app never started.
+fn drainit(args: &[&str]) -> Output {
+    let start = Instant::now();
+    let output = Command::new(drainit_bin())
+        .args([
+            "--health-listen",
+            "127.0.0.1:0",
+            "--control",
+            &unique_control(),
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run drainit");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "drainit took {:?} to fail",
+        start.elapsed()
+    );
+    output
+}
+
+/// Asserts that drainit `options` around an app that would leave a marker file exits with `code`
+/// and a single stderr line containing `says`, and that the app never ran.
+fn assert_refused(options: &[&str], code: i32, says: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("app-ran");
+    let touch = format!("touch {}", marker.display());
+    let mut args = options.to_vec();
+    args.extend(["--", "sh", "-c", &touch]);
+    assert_output(&args, code, says);
+    assert!(!marker.exists(), "{options:?}: the app was started");
+}
+
+/// Asserts the exit code and a single stderr line containing `says`.
+fn assert_output(args: &[&str], code: i32, says: &str) {
+    let output = drainit(args);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?}: not one line:\n{stderr}"
+    );
+    assert!(
+        stderr.contains(says),
+        "{args:?}: expected '{says}' in: {stderr}"
+    );
+}
+
+#[test]
+fn no_command() {
+    assert_output(&[], 2, "no command to run: put the app after --");
+    assert_output(&["--"], 2, "no command to run");
+    assert_output(&["--drain-delay", "1s"], 2, "no command to run");
+}
+
+#[test]
+fn command_not_found_is_127() {
+    assert_output(
+        &["--", "/nonexistent/app"],
+        127,
+        "cannot run '/nonexistent/app'",
+    );
+    assert_output(&["--", "no-such-command-anywhere"], 127, "No such file");
+}
+
+#[test]
+fn command_not_executable_is_126() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("app.sh");
+    std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_output(&["--", script.to_str().unwrap()], 126, "chmod +x");
+    assert_output(&["--", dir.path().to_str().unwrap()], 126, "cannot run");
+}
+
+#[test]
+fn bad_flags_and_values_are_usage_errors() {
+    for (args, says) in [
+        (
+            &["--no-such-flag"][..],
+            "unexpected argument '--no-such-flag'",
+        ),
+        (
+            &["--drain-delay", "soon"],
+            "expected a duration like 500ms, 15s, 2m",
+        ),
+        (&["--grace-period=-3s"], "expected a duration"),
+        (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
+        (&["--stop-signal", "99"], "expected a signal like TERM"),
+        (&["--health-listen", "localhost"], "expected IP:PORT"),
+        (&["--health-listen", "1.2.3.4:70000"], "expected IP:PORT"),
+        (&["--control", "@"], "expected @name"),
+        (&["--log-format", "xml"], "invalid value 'xml'"),
+        (&["--log-level", "info,=="], "invalid --log-level"),
+    ] {
+        assert_refused(args, 2, says);
+    }
+}
+
+#[test]
+fn bad_environment_values_are_usage_errors_too() {
+    let output = Command::new(drainit_bin())
+        .env("DRAINIT_DRAIN_DELAY", "forever")
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("forever"));
+}
+
+#[test]
+fn a_drain_that_does_not_fit_the_grace_period_says_what_would() {
+    assert_refused(
+        &["--drain-delay", "40s", "--grace-period", "30s"],
+        2,
+        "use --drain-delay 28s or less, or --grace-period 42s or more",
+    );
+    assert_refused(&["--drain-delay", "29s"], 2, "--drain-delay 28s or less");
+    assert_refused(
+        &["--drain-delay", "0", "--grace-period", "1s"],
+        2,
+        "--grace-period 2s or more",
+    );
+}
+
+#[test]
+fn a_busy_health_port_fails_before_the_app_starts() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    assert_refused(
+        &["--health-listen", &addr],
+        71,
+        "cannot listen for probes on",
+    );
+}
+
+#[test]
+fn a_control_socket_in_use_fails_before_the_app_starts() {
+    let running = Drainit::demo(&[], &[]);
+    assert_refused(
+        &["--control", &running.control],
+        71,
+        "another drainit already runs in this pod",
+    );
+}
+
+#[test]
+fn help_and_version_exit_0() {
+    for flag in ["--help", "--version"] {
+        let output = Command::new(drainit_bin()).arg(flag).output().unwrap();
+        assert!(output.status.success(), "{flag}");
+        assert!(!output.stdout.is_empty(), "{flag}");
+    }
+    let help = Command::new(drainit_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for documented in [
+        "DRAINIT_DRAIN_DELAY",
+        "--grace-period",
+        "--stop-signal",
+        "prestop",
+        "--control",
+    ] {
+        assert!(
+            help.contains(documented),
+            "--help does not mention {documented}"
+        );
+    }
+}

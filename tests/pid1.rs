@@ -1,0 +1,127 @@
+//! drainit as the container's PID 1 (in a fresh PID namespace) and as a child subreaper: every
+//! orphan is reaped, signals sent to PID 1 work, exit codes come back out.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Drainit, demo_app_bin, drainit_bin, is_running, time_until};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// drainit as PID 1 of a new PID namespace, as in a container.
+fn as_pid1(options: &[&str], command: &[&str]) -> Drainit {
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["--pid", "--fork", "--mount-proc"])
+        .arg(drainit_bin());
+    Drainit::start_with(unshare, options, command)
+}
+
+/// The host pid of the namespace's PID 1: unshare does not forward signals, so tests signal it.
+fn namespace_init(unshare: &Drainit) -> Pid {
+    let pid = unshare.pid();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let init = children
+        .split_whitespace()
+        .next()
+        .expect("unshare has no child");
+    Pid::from_raw(init.parse().unwrap())
+}
+
+#[test]
+fn as_pid1_it_reaps_every_orphan() {
+    let script = r#"for i in 1 2 3 4 5 6 7 8 9 10; do (sleep 0.1 &); done
+sleep 1
+echo "parent=$PPID zombies=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == "Z"' | wc -l)"
+exit 3"#;
+    let mut drainit = as_pid1(&[], &["sh", "-c", script]);
+    let report = drainit.app_line("parent=");
+    assert_eq!(
+        report.text, "parent=1 zombies=0",
+        "drainit must be PID 1 and leave no zombie"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 3);
+    let exited = drainit.log("app exited");
+    assert!(exited["orphans_reaped"].as_u64().unwrap() >= 10, "{exited}");
+}
+
+#[test]
+fn as_pid1_sigterm_drains_and_the_exit_code_comes_out() {
+    let app = demo_app_bin();
+    let mut drainit = as_pid1(
+        &["--drain-delay", "500ms"],
+        &[
+            app.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--exit-code",
+            "5",
+        ],
+    );
+    drainit.app_line("demo-app: listening on");
+    assert_eq!(drainit.get("/ready").0, 200);
+    kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
+    assert!(time_until(SECS(1), || drainit.get("/ready").0 == 503).is_some());
+    drainit.app_line("demo-app: signal TERM");
+    assert_eq!(drainit.exit_code(SECS(5)), 5);
+}
+
+#[test]
+fn as_pid1_the_budget_kill_takes_the_whole_group() {
+    let app = demo_app_bin();
+    let mut drainit = as_pid1(
+        &["--drain-delay", "200ms", "--grace-period", "2200ms"],
+        &[
+            app.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--ignore-term",
+            "--spawn-grandchild",
+        ],
+    );
+    drainit.app_line("demo-app: grandchild pid");
+    kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
+    assert_eq!(drainit.exit_code(SECS(10)), 137);
+}
+
+#[test]
+fn not_pid1_it_adopts_and_reaps_orphans_as_a_subreaper() {
+    let script = r#"sh -c 'sleep 1 & echo "orphan=$!"'
+sleep 30"#;
+    let mut drainit = Drainit::start(&["--drain-delay", "0"], &["sh", "-c", script]);
+    let orphan: i32 = drainit.app_line("orphan=").text["orphan=".len()..]
+        .parse()
+        .unwrap();
+    let parent_of = |pid: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(") ")
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    assert!(
+        time_until(SECS(1), || parent_of(orphan)
+            == Some(drainit.pid().as_raw()))
+        .is_some(),
+        "the orphan was not reparented to drainit (parent {:?})",
+        parent_of(orphan)
+    );
+    // It exits after 1 s; drainit must collect it (no zombie left) while the app runs on.
+    assert!(
+        time_until(SECS(3), || parent_of(orphan).is_none()).is_some(),
+        "orphan {orphan} left as a zombie (running: {})",
+        is_running(orphan)
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(
+        drainit.exit_code(SECS(5)),
+        143,
+        "sh dies of the stop signal: 128 + 15"
+    );
+}
