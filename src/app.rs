@@ -93,6 +93,17 @@ impl App {
         send(self.pid, Signal::SIGKILL as i32);
     }
 
+    /// After the app exited: SIGKILLs whatever is left of its process group, as the kernel does
+    /// to a container's processes when its PID 1 exits, so drainit never leaves stragglers behind
+    /// when it is not PID 1. Returns whether anything was left.
+    pub fn kill_leftovers(&self) -> bool {
+        let any_left = signal::killpg(self.pid, None).is_ok();
+        if any_left {
+            send(self.group(), Signal::SIGKILL as i32);
+        }
+        any_left
+    }
+
     fn group(&self) -> Pid {
         Pid::from_raw(-self.pid.as_raw())
     }

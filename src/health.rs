@@ -29,7 +29,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Far above what the kubelet and a few load balancers need, far below the fd limit.
 const MAX_CONNECTIONS: usize = 512;
 
-/// Binds the probe port before the app starts, so a taken port fails start-up cleanly.
+/// Binds the probe port before the app starts, so a taken port fails start-up cleanly. Once the
+/// app runs, `announce` logs where probes go.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     let fail = |e: std::io::Error| {
         StartupError::setup(format!(
@@ -41,11 +42,14 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
     TcpListener::from_std(listener).map_err(fail)
 }
 
-/// Serves probes until the process exits.
-pub async fn serve(listener: TcpListener, phase: watch::Receiver<Phase>) {
+pub fn announce(listener: &TcpListener) {
     if let Ok(addr) = listener.local_addr() {
         info!(%addr, "probe server listening");
     }
+}
+
+/// Serves probes until the process exits.
+pub async fn serve(listener: TcpListener, phase: watch::Receiver<Phase>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {

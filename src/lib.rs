@@ -91,6 +91,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let app = App::spawn(&config.command, config.forward_to_group)?;
+    health::announce(&probes);
 
     let mut lifecycle = Lifecycle::default();
     lifecycle.apply(Event::AppStarted);

@@ -227,6 +227,9 @@ impl Supervisor {
             "app exited"
         );
         self.lifecycle.apply(Event::AppExited { code });
+        if self.app.kill_leftovers() {
+            warn!("the app left processes behind in its group: killed them");
+        }
     }
 
     fn elapsed_ms(&self) -> Option<u64> {

@@ -208,8 +208,15 @@ while :; do sleep 0.05; done"#;
             .is_some();
         assert_eq!(child_got_it, expect_child, "--group={group}");
         drainit.signal(Signal::SIGTERM);
-        // sh ignores nothing: TERM kills the script; the budget kill takes care of the rest.
-        drainit.wait(SECS(5));
+        assert_eq!(
+            drainit.exit_code(SECS(5)),
+            143,
+            "sh dies of the stop signal"
+        );
+        if !group {
+            // Only the parent got the stop signal: drainit cleans up what is left of the group.
+            drainit.log("the app left processes behind in its group: killed them");
+        }
     }
 }
 

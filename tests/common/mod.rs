@@ -231,15 +231,16 @@ impl Drainit {
             })
     }
 
-    /// The first log line whose message contains `message`.
+    /// The first log line whose message contains `message` (the app's own stderr lines, in the
+    /// same stream, are skipped).
     pub fn log(&mut self, message: &str) -> Value {
+        let is_it = |l: &str| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+        };
         let line = self
             .logs
-            .wait_for(START_TIMEOUT, |l| {
-                json(l)["message"]
-                    .as_str()
-                    .is_some_and(|m| m.contains(message))
-            })
+            .wait_for(START_TIMEOUT, is_it)
             .unwrap_or_else(|| panic!("no log '{message}'; drainit logged:\n{}", self.logs.text()));
         json(&line.text)
     }
