@@ -1,0 +1,254 @@
+//! The timing bars, measured on the real (release) binary and printed: how fast /ready flips on
+//! SIGTERM, how close the stop signal lands to the end of the drain delay, how close the budget
+//! kill lands to grace-period - 1 s, probe latency, memory and size. `cargo bench --bench timeline`.
+//!
+//! Numbers, not assertions: a shared 2-core CI machine makes timed asserts flaky; the report
+//! marks each bar so a regression is plain to see.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{Receiver, channel};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const RUNS: usize = 15;
+
+fn drainit_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
+}
+
+/// The example app next to drainit; `cargo bench` does not build examples, so build it if needed.
+fn demo_app_bin() -> PathBuf {
+    let app = drainit_bin().parent().unwrap().join("examples/demo_app");
+    if !app.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = Command::new(cargo)
+            .args(["build", "--release", "--example", "demo_app"])
+            .status()
+            .expect("run cargo to build the demo app");
+        assert!(
+            built.success(),
+            "cargo build --release --example demo_app failed"
+        );
+    }
+    app
+}
+
+struct Run {
+    child: Child,
+    health: SocketAddr,
+    app_lines: Receiver<(Instant, String)>,
+}
+
+fn lines(stream: impl Read + Send + 'static) -> Receiver<(Instant, String)> {
+    let (tx, rx) = channel();
+    thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            let _ = tx.send((Instant::now(), line));
+        }
+    });
+    rx
+}
+
+fn start(options: &[&str], app_options: &[&str], n: usize) -> Run {
+    let control = format!("@drainit-bench-{}-{n}", std::process::id());
+    let mut child = Command::new(drainit_bin())
+        .args([
+            "--log-format",
+            "json",
+            "--health-listen",
+            "127.0.0.1:0",
+            "--control",
+            &control,
+        ])
+        .args(options)
+        .arg("--")
+        .arg(demo_app_bin())
+        .args(["--listen", "127.0.0.1:0"])
+        .args(app_options)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn drainit");
+    let logs = lines(child.stderr.take().unwrap());
+    let app_lines = lines(child.stdout.take().unwrap());
+    let health = loop {
+        let (_, line) = logs
+            .recv_timeout(Duration::from_secs(10))
+            .expect("drainit did not start");
+        if line.contains("probe server listening") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+            break v["addr"].as_str().unwrap().parse().unwrap();
+        }
+    };
+    thread::spawn(move || for _ in logs {});
+    let run = Run {
+        child,
+        health,
+        app_lines,
+    };
+    run.wait_line("demo-app: listening");
+    run
+}
+
+impl Run {
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn wait_line(&self, prefix: &str) -> Instant {
+        loop {
+            let (at, line) = self
+                .app_lines
+                .recv_timeout(Duration::from_secs(20))
+                .expect("app line");
+            if line.starts_with(prefix) {
+                return at;
+            }
+        }
+    }
+
+    fn wait_exit(&mut self) -> (Instant, Option<i32>) {
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (Instant::now(), status.code());
+            }
+            thread::sleep(Duration::from_micros(200));
+        }
+    }
+}
+
+/// A kept-alive probe connection, as the kubelet and load balancers use.
+struct Prober(TcpStream);
+
+impl Prober {
+    fn new(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Self(stream)
+    }
+
+    fn ready(&mut self) -> u16 {
+        self.0
+            .write_all(b"GET /ready HTTP/1.1\r\nHost: b\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let n = self.0.read(&mut buf).unwrap();
+        std::str::from_utf8(&buf[9..12.min(n)])
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn report(name: &str, mut samples: Vec<Duration>, bar: Duration) {
+    samples.sort();
+    let max = *samples.last().unwrap();
+    println!(
+        "{name:<44} p50 {:>9.3?}  p99 {:>9.3?}  max {:>9.3?}  bar {:>7?}  {}",
+        percentile(&samples, 0.5),
+        percentile(&samples, 0.99),
+        max,
+        bar,
+        if max <= bar { "ok" } else { "OVER" }
+    );
+}
+
+fn abs_diff(a: Instant, b: Instant) -> Duration {
+    if a > b { a - b } else { b - a }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; anything else (a filter) is ignored.
+    demo_app_bin();
+    println!(
+        "drainit timeline report: {RUNS} runs each, release binary {}",
+        drainit_bin().display()
+    );
+    let mut flips = Vec::new();
+    let mut stop_errors = Vec::new();
+    let mut kill_errors = Vec::new();
+    for n in 0..RUNS {
+        // Readiness flip and stop-signal accuracy: drain 300ms.
+        let mut run = start(&["--drain-delay", "300ms", "--grace-period", "3s"], &[], n);
+        let mut prober = Prober::new(run.health);
+        assert_eq!(prober.ready(), 200);
+        let sigterm = Instant::now();
+        kill(run.pid(), Signal::SIGTERM).unwrap();
+        while prober.ready() != 503 {}
+        flips.push(sigterm.elapsed());
+        let stop = run.wait_line("demo-app: signal TERM");
+        stop_errors.push(abs_diff(stop, sigterm + Duration::from_millis(300)));
+        run.wait_exit();
+
+        // Budget kill accuracy: an app that ignores the stop signal, grace 1.5s -> kill at 0.5s.
+        let mut run = start(
+            &["--drain-delay", "0", "--grace-period", "2s"],
+            &["--ignore-term", "--spawn-grandchild"],
+            RUNS + n,
+        );
+        let sigterm = Instant::now();
+        kill(run.pid(), Signal::SIGTERM).unwrap();
+        let (exited, code) = run.wait_exit();
+        assert_eq!(code, Some(137), "budget kill must exit 137");
+        kill_errors.push(abs_diff(exited, sigterm + Duration::from_secs(1)));
+    }
+    report(
+        "/ready flips to 503 after SIGTERM",
+        flips,
+        Duration::from_millis(10),
+    );
+    report(
+        "stop signal vs end of drain delay (|error|)",
+        stop_errors,
+        Duration::from_millis(100),
+    );
+    report(
+        "budget kill vs grace period - 1s (|error|)",
+        kill_errors,
+        Duration::from_millis(300),
+    );
+
+    // Probe latency and footprint of one long-lived drainit.
+    let mut run = start(&[], &[], 2 * RUNS);
+    let mut prober = Prober::new(run.health);
+    let latencies: Vec<Duration> = (0..2000)
+        .map(|_| {
+            let t = Instant::now();
+            prober.ready();
+            t.elapsed()
+        })
+        .collect();
+    report(
+        "/ready latency, kept-alive connection",
+        latencies,
+        Duration::from_millis(1),
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", run.pid())).unwrap();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("VmRSS: ?");
+    let size = std::fs::metadata(drainit_bin()).unwrap().len();
+    println!(
+        "{:<44} {} (after 2000 probes)",
+        "drainit resident memory",
+        rss.trim_start_matches("VmRSS:").trim()
+    );
+    println!(
+        "{:<44} {:.2} MiB",
+        "drainit binary size",
+        size as f64 / 1048576.0
+    );
+    kill(run.pid(), Signal::SIGINT).unwrap();
+    run.wait_exit();
+}
