@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
 use tracing::{error, info};
 
 use crate::control::{self, ControlAddr};
@@ -11,7 +12,16 @@ use crate::exit;
 
 pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
     let started = Instant::now();
-    let exchange = request_drain(addr);
+    let stream = match addr.connect() {
+        Ok(stream) => stream,
+        Err(e) => {
+            error!(
+                "no drainit is listening on {addr}: {e} (is drainit this container's ENTRYPOINT, with the same --control / DRAINIT_CONTROL?)"
+            );
+            return exit::PRESTOP_UNREACHABLE;
+        }
+    };
+    let exchange = request_drain(stream);
     let reply = match timeout {
         Some(limit) => match tokio::time::timeout(limit, exchange).await {
             Ok(reply) => reply,
@@ -26,42 +36,35 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
         None => exchange.await,
     };
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    match reply {
-        Ok(line) if line == control::REPLY_DRAINED => {
+    match reply.as_str() {
+        control::REPLY_DRAINED => {
             info!(elapsed_ms, "drain over: the app may be stopped");
             0
         }
-        Ok(line) if line == control::REPLY_APP_EXITED || line.is_empty() => {
+        // drainit exits as soon as the app does, possibly before it could answer.
+        control::REPLY_APP_EXITED | "" => {
             info!(
                 elapsed_ms,
                 "the app has already exited: nothing left to drain"
             );
             0
         }
-        Ok(line) => {
+        other => {
             error!(
-                reply = line,
+                reply = other,
                 "unexpected answer from drainit at {addr} (a different drainit version?)"
             );
             1
         }
-        Err(e) => {
-            error!(
-                "no drainit is listening on {addr}: {e} (is drainit this container's ENTRYPOINT, with the same --control / DRAINIT_CONTROL?)"
-            );
-            exit::PRESTOP_UNREACHABLE
-        }
     }
 }
 
-/// Sends the request; returns drainit's answer, or "" if it closed the channel without one (it
-/// exits as soon as the app does).
-async fn request_drain(addr: &ControlAddr) -> std::io::Result<String> {
-    let mut stream = addr.connect()?;
-    stream
-        .write_all(format!("{}\n", control::DRAIN_REQUEST).as_bytes())
-        .await?;
+/// Sends the request; returns drainit's answer, or "" if the channel closed without one.
+async fn request_drain(mut stream: UnixStream) -> String {
+    let request = format!("{}\n", control::DRAIN_REQUEST);
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).await?;
-    Ok(line.trim().to_owned())
+    if stream.write_all(request.as_bytes()).await.is_ok() {
+        let _ = BufReader::new(stream).read_line(&mut line).await;
+    }
+    line.trim().to_owned()
 }

@@ -278,11 +278,22 @@ impl Drainit {
 }
 
 impl Drop for Drainit {
+    /// A test that ends early (or fails) must not leave the app behind: it leads its own process
+    /// group, which killing drainit alone would orphan.
     fn drop(&mut self) {
-        if self.status.is_none() && matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+        if self.status.is_some() || !matches!(self.child.try_wait(), Ok(None)) {
+            return;
         }
+        self.logs.drain(Duration::ZERO);
+        let app = self.logs.seen.iter().find_map(|l| {
+            let v: Value = serde_json::from_str(&l.text).ok()?;
+            (v["message"] == "app started").then(|| v["pid"].as_i64())?
+        });
+        if let Some(app) = app {
+            let _ = kill(Pid::from_raw(-(app as i32)), Signal::SIGKILL);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
