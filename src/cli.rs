@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use nix::sys::signal::Signal;
 
 use crate::control::ControlAddr;
+use crate::drain::Watcher;
+use crate::drain::traffic::QuietPeriod;
 use crate::exit::{self, StartupError};
 
 /// PID-1 wrapper that drains a Kubernetes pod before stopping the app: on SIGTERM (or
@@ -69,6 +71,47 @@ pub struct RunArgs {
     /// SIGKILL always hits the whole group).
     #[arg(long, env = "DRAINIT_GROUP")]
     pub group: bool,
+
+    /// End the drain when these watchers report it done, instead of after the fixed drain delay:
+    /// `traffic` (no new request for the quiet period), `lb-probes` (every load balancer checking
+    /// /ready saw it fail), or both, comma-separated.
+    #[arg(
+        long,
+        env = "DRAINIT_DRAIN_WATCH",
+        value_name = "LIST",
+        value_delimiter = ','
+    )]
+    pub drain_watch: Vec<Watcher>,
+
+    /// With --drain-watch: the shortest drain, whatever the watchers say.
+    #[arg(long, env = "DRAINIT_DRAIN_MIN", value_name = "DURATION",
+          default_value = "1s", value_parser = parse_duration)]
+    pub drain_min: Duration,
+
+    /// With --drain-watch: the longest drain [default: the drain delay].
+    #[arg(long, env = "DRAINIT_DRAIN_MAX", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_max: Option<Duration>,
+
+    /// With --drain-watch traffic: how long no request may arrive before the drain is done.
+    /// `auto` derives it from the arrival rate before the drain (99.9 % sure) [default: auto].
+    #[arg(long, env = "DRAINIT_QUIET_PERIOD", value_name = "auto|DURATION", value_parser = parse_quiet_period)]
+    pub quiet_period: Option<QuietPeriod>,
+
+    /// The app's serving ports, where traffic is observed (repeatable) [default: the ports the
+    /// app's processes listen on].
+    #[arg(
+        long = "app-port",
+        env = "DRAINIT_APP_PORT",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    pub app_ports: Vec<u16>,
+
+    /// With --drain-watch lb-probes: consecutive 503s a load balancer must get from /ready
+    /// before it counts as having taken the pod out [default: 2].
+    #[arg(long, env = "DRAINIT_LB_UNHEALTHY_THRESHOLD", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub lb_unhealthy_threshold: Option<u32>,
 
     /// The app and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
@@ -183,6 +226,15 @@ pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
             "expected IP:PORT, :PORT or PORT (e.g. 0.0.0.0:8099, [::]:8099, :8099), got '{text}'"
         )
     })
+}
+
+fn parse_quiet_period(text: &str) -> Result<QuietPeriod, String> {
+    match text.trim() {
+        "auto" => Ok(QuietPeriod::Auto),
+        other => parse_duration(other)
+            .map(QuietPeriod::Fixed)
+            .map_err(|e| format!("{e}, or auto")),
+    }
 }
 
 fn parse_control_addr(text: &str) -> Result<ControlAddr, String> {

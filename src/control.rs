@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 
 use crate::exit::StartupError;
-use crate::lifecycle::Phase;
+use crate::lifecycle::{Phase, State};
 
 /// The request line of `drainit prestop`.
 pub const DRAIN_REQUEST: &str = "drain";
@@ -130,11 +130,11 @@ impl ControlAddr {
 
 /// Answers `drainit prestop` connections: each one asks for the drain and is answered when it is
 /// over. Runs until the process exits.
-pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, phase: watch::Receiver<Phase>) {
+pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch::Receiver<State>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(answer(stream, drain.clone(), phase.clone()));
+                tokio::spawn(answer(stream, drain.clone(), state.clone()));
             }
             Err(e) => {
                 warn!(error = %e, "control socket accept failed");
@@ -144,7 +144,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, phase: watch
     }
 }
 
-async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut phase: watch::Receiver<Phase>) {
+async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::Receiver<State>) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
@@ -156,8 +156,8 @@ async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut phase: watch::R
     }
     // The supervisor may already be gone (the app exited): the phase below says so.
     let _ = drain.send(()).await;
-    let reply = match phase.wait_for(Phase::drain_is_over).await {
-        Ok(p) if matches!(*p, Phase::Exited { .. }) => REPLY_APP_EXITED,
+    let reply = match state.wait_for(|s| s.phase.drain_is_over()).await {
+        Ok(s) if matches!(s.phase, Phase::Exited { .. }) => REPLY_APP_EXITED,
         Ok(_) => REPLY_DRAINED,
         Err(_) => REPLY_APP_EXITED,
     };

@@ -20,15 +20,19 @@ pub mod prestop;
 pub mod reaper;
 pub mod signals;
 pub mod supervisor;
+pub mod tcp;
 
 use std::process::ExitCode;
+use std::time::Instant;
 
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::error;
 
 use crate::app::App;
 use crate::cli::{Cli, Command, SharedArgs};
 use crate::config::RunConfig;
+use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, Lifecycle};
 use crate::reaper::Reaper;
@@ -85,6 +89,7 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
 /// Sets everything up in the order that leaves nothing half-started on failure, then supervises
 /// the app until it exits.
 async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupError> {
+    let started = Instant::now();
     let signals = signals::install()
         .map_err(|e| StartupError::setup(format!("cannot install signal handlers: {e}")))?;
     let probes = health::bind(config.health_listen)?;
@@ -95,16 +100,49 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
 
     let mut lifecycle = Lifecycle::default();
     lifecycle.apply(Event::AppStarted);
+    let observers = observe_traffic(&config, app, &probes, &lifecycle);
     let (drain_tx, drain_rx) = mpsc::channel(8);
-    tokio::spawn(health::serve(probes, lifecycle.subscribe()));
+    let status = health::StatusContext {
+        started,
+        app_pid: app.pid.as_raw(),
+        drain: config.drain.clone(),
+    };
+    tokio::spawn(health::serve(
+        probes,
+        lifecycle.subscribe(),
+        observers.clone(),
+        status,
+    ));
     tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
     let supervisor = Supervisor::new(
         app,
         lifecycle,
         config.drain,
+        observers,
         config.budget,
         config.stop_signal,
     );
     Ok(supervisor.run(signals, drain_rx).await)
+}
+
+/// Starts observing what the drain is judged on, from start-up on: the arrival rate before the
+/// drain is what sizes the quiet period, and late arrivals are worth knowing in every mode.
+fn observe_traffic(
+    config: &RunConfig,
+    app: App,
+    probes: &TcpListener,
+    lifecycle: &Lifecycle,
+) -> Observers {
+    let observers = Observers::new(config.app_ports.clone());
+    let own_port = probes.local_addr().map_or(0, |a| a.port());
+    tokio::spawn(traffic::monitor(
+        observers.traffic.clone(),
+        app.pid,
+        config.app_ports.clone(),
+        own_port,
+        observers.own_accepts.clone(),
+        lifecycle.subscribe(),
+    ));
+    observers
 }

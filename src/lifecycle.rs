@@ -111,38 +111,46 @@ impl fmt::Display for Phase {
     }
 }
 
-/// The writer's side: applies events, logs each transition, publishes the phase.
+/// What the lifecycle channel publishes: the phase, and when the drain began (the origin of the
+/// drain timeline and of the shutdown budget).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct State {
+    pub phase: Phase,
+    pub drain_started: Option<Instant>,
+}
+
+/// The writer's side: applies events, logs each transition, publishes the state.
 pub struct Lifecycle {
-    phase: watch::Sender<Phase>,
-    drain_started: Option<Instant>,
+    state: watch::Sender<State>,
 }
 
 impl Default for Lifecycle {
     fn default() -> Self {
         Self {
-            phase: watch::Sender::new(Phase::Starting),
-            drain_started: None,
+            state: watch::Sender::new(State {
+                phase: Phase::Starting,
+                drain_started: None,
+            }),
         }
     }
 }
 
 impl Lifecycle {
-    pub fn subscribe(&self) -> watch::Receiver<Phase> {
-        self.phase.subscribe()
+    pub fn subscribe(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
     }
 
     pub fn phase(&self) -> Phase {
-        *self.phase.borrow()
+        self.state.borrow().phase
     }
 
-    /// When the drain began, the origin of the drain timeline and of the shutdown budget.
     pub fn drain_started(&self) -> Option<Instant> {
-        self.drain_started
+        self.state.borrow().drain_started
     }
 
     /// Time since the drain began, for the timeline in the logs.
     pub fn drain_elapsed(&self) -> Option<Duration> {
-        self.drain_started.map(|start| start.elapsed())
+        self.drain_started().map(|start| start.elapsed())
     }
 
     /// Applies `event`; returns whether the phase changed.
@@ -151,10 +159,14 @@ impl Lifecycle {
         let Some(to) = from.next(event) else {
             return false;
         };
-        if matches!(event, Event::DrainStarted(_)) {
-            self.drain_started = Some(Instant::now());
-        }
-        self.phase.send_replace(to);
+        let drain_started = match event {
+            Event::DrainStarted(_) => Some(Instant::now()),
+            _ => self.drain_started(),
+        };
+        self.state.send_replace(State {
+            phase: to,
+            drain_started,
+        });
         info!(
             from = from.name(),
             to = to.name(),
@@ -253,6 +265,7 @@ mod tests {
         let started = lifecycle.drain_started().unwrap();
         assert!(!lifecycle.apply(DrainStarted(Prestop)));
         assert_eq!(lifecycle.drain_started(), Some(started));
-        assert_eq!(*reader.borrow(), Phase::Draining { trigger: Sigterm });
+        assert_eq!(reader.borrow().phase, Phase::Draining { trigger: Sigterm });
+        assert_eq!(reader.borrow().drain_started, Some(started));
     }
 }

@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::budget::Budget;
-use crate::drain::{DrainEnd, DrainPolicy, PRESTOP_HANDOFF};
+use crate::drain::{DrainEnd, DrainPolicy, Observers, PRESTOP_HANDOFF, traffic};
 use crate::lifecycle::{DrainTrigger, Event, Lifecycle, Phase};
 use crate::reaper::Reaper;
 use crate::signals::{self, Meaning};
@@ -25,6 +25,7 @@ pub struct Supervisor {
     lifecycle: Lifecycle,
     reaper: Reaper,
     drain_policy: DrainPolicy,
+    observers: Observers,
     budget: Budget,
     stop_signal: Signal,
     /// The drain under way, if any.
@@ -42,6 +43,7 @@ impl Supervisor {
         app: App,
         lifecycle: Lifecycle,
         drain_policy: DrainPolicy,
+        observers: Observers,
         budget: Budget,
         stop_signal: Signal,
     ) -> Self {
@@ -50,6 +52,7 @@ impl Supervisor {
             lifecycle,
             reaper: Reaper::default(),
             drain_policy,
+            observers,
             budget,
             stop_signal,
             drain: None,
@@ -160,7 +163,11 @@ impl Supervisor {
             elapsed_ms = 0u64,
             "drain started: /ready answers 503, the app keeps serving"
         );
-        self.drain = Some(Box::pin(self.drain_policy.run(started)));
+        self.drain = Some(Box::pin(
+            self.drain_policy
+                .clone()
+                .run(started, self.observers.clone()),
+        ));
         self.kill_deadline = Some(kill_at);
     }
 
@@ -171,8 +178,9 @@ impl Supervisor {
             _ => return,
         };
         info!(
-            reason = end.reason,
+            reason = end.reason.as_str(),
             elapsed_ms = end.elapsed.as_millis() as u64,
+            evidence = %end.report,
             "drain over"
         );
         self.lifecycle.apply(Event::DrainOver);
@@ -212,6 +220,11 @@ impl Supervisor {
             elapsed_ms = self.elapsed_ms(),
             pgid = self.app.pid.as_raw(),
             "shutdown budget spent (grace period - 1s): SIGKILL to the app's process group"
+        );
+        let open = traffic::lock(&self.observers.traffic).open_connections;
+        warn!(
+            open_connections = open,
+            "connections to the app still open when it was killed"
         );
         self.app.kill_group();
     }

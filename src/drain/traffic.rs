@@ -1,0 +1,468 @@
+//! The `traffic` watcher: has the app stopped receiving requests? Observed from the kernel's TCP
+//! counters (never in the data path): new connections accepted in the pod's network namespace
+//! (less drainit's own probe connections), and inbound bytes on every connection to the app's
+//! ports. Arrivals are what count, not open connections: keep-alive pools hold connections open
+//! long after a load balancer stopped using them.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::lifecycle::{Phase, State};
+use crate::tcp::{self, Connection, TcpSampler};
+
+/// How far back the arrival rate before the drain is measured.
+const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// Fewer events than this in the window say nothing reliable about the rate.
+const MIN_EVENTS_FOR_RATE: usize = 5;
+/// The auto quiet period leaves this chance that a replica still in rotation saw no request.
+const MISS_PROBABILITY: f64 = 0.001;
+/// Never call traffic quiet sooner than this.
+const MIN_QUIET: Duration = Duration::from_secs(1);
+/// Sampling rates: cheap before the drain (only the rate is needed), finer while it matters.
+const SAMPLE_BEFORE_DRAIN: Duration = Duration::from_millis(250);
+const SAMPLE_DURING_DRAIN: Duration = Duration::from_millis(100);
+/// How often the app's listening ports are looked up again before the drain.
+const PORT_DISCOVERY_EVERY: Duration = Duration::from_secs(5);
+
+/// One look at the kernel's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// Connections accepted by any listener of the network namespace, cumulative.
+    pub passive_opens: Option<u64>,
+    /// Connections drainit's own probe server accepted, cumulative: not the app's traffic.
+    pub own_accepts: u64,
+    /// Connections to the app's ports; `None` when sock_diag is unavailable.
+    pub connections: Option<Vec<Connection>>,
+}
+
+/// What the watcher has seen so far.
+#[derive(Debug)]
+pub struct Traffic {
+    /// The app's serving ports, given or discovered.
+    pub ports: Vec<u16>,
+    bytes_by_socket: HashMap<u32, Option<u64>>,
+    /// (passive opens - own accepts) at the last look. A probe connection the kernel counted
+    /// before drainit accepted it shows as one arrival, and the balance drops back at the next
+    /// look: an error of one sample, towards a longer drain. (A high-water mark instead would
+    /// swallow a later real arrival: a shorter drain.)
+    app_accepts_before: Option<u64>,
+    /// Times of observed activity (a sample's event count), for the rate before the drain.
+    events: VecDeque<(Instant, u32)>,
+    pub last_activity: Option<Instant>,
+    pub last_new_connection: Option<Instant>,
+    pub open_connections: usize,
+    /// Events seen since the stop signal: requests that arrived after the drain ended.
+    pub late_events: u64,
+    pub started: Instant,
+    /// Why the watcher cannot see everything, if so.
+    pub blind_spot: Option<String>,
+}
+
+impl Traffic {
+    pub fn new(ports: Vec<u16>, started: Instant) -> Self {
+        Self {
+            ports,
+            bytes_by_socket: HashMap::new(),
+            app_accepts_before: None,
+            events: VecDeque::new(),
+            last_activity: None,
+            last_new_connection: None,
+            open_connections: 0,
+            late_events: 0,
+            started,
+            blind_spot: None,
+        }
+    }
+
+    /// Takes in one observation made at `at`; returns how many events (new connections, and
+    /// connections that received bytes) it shows.
+    pub fn observe(&mut self, observation: Observation, at: Instant) -> u32 {
+        let mut new_connections = 0u64;
+        if let Some(opens) = observation.passive_opens {
+            let app_accepts = opens.saturating_sub(observation.own_accepts);
+            if let Some(before) = self.app_accepts_before {
+                new_connections = app_accepts.saturating_sub(before);
+            }
+            self.app_accepts_before = Some(app_accepts);
+        }
+        let mut receiving = 0u64;
+        if let Some(connections) = observation.connections {
+            let mut unseen = 0u64;
+            let mut current = HashMap::with_capacity(connections.len());
+            for conn in &connections {
+                match self.bytes_by_socket.get(&conn.inode) {
+                    Some(before) if conn.bytes_received > *before => receiving += 1,
+                    Some(_) => {}
+                    None => unseen += 1,
+                }
+                current.insert(conn.inode, conn.bytes_received);
+            }
+            // Without the kernel's passive-open counter, connections never seen before stand in.
+            if observation.passive_opens.is_none() && !self.bytes_by_socket.is_empty() {
+                new_connections = unseen;
+            }
+            self.open_connections = connections.len();
+            self.bytes_by_socket = current;
+        }
+        let events = u32::try_from(new_connections + receiving).unwrap_or(u32::MAX);
+        if new_connections > 0 {
+            self.last_new_connection = Some(at);
+        }
+        if events > 0 {
+            self.last_activity = Some(at);
+            self.events.push_back((at, events));
+        }
+        while self
+            .events
+            .front()
+            .is_some_and(|(t, _)| *t + RATE_WINDOW < at)
+        {
+            self.events.pop_front();
+        }
+        events
+    }
+
+    /// Events per second over the window before `until`, if enough were seen to say.
+    pub fn rate(&self, until: Instant) -> Option<f64> {
+        let from = until
+            .checked_sub(RATE_WINDOW)
+            .unwrap_or(self.started)
+            .max(self.started);
+        let in_window: Vec<u32> = self
+            .events
+            .iter()
+            .filter(|(t, _)| *t >= from && *t <= until)
+            .map(|(_, n)| *n)
+            .collect();
+        let span = until.saturating_duration_since(from).as_secs_f64();
+        let samples = in_window.len();
+        (samples >= MIN_EVENTS_FOR_RATE && span > 0.0)
+            .then(|| in_window.iter().map(|n| f64::from(*n)).sum::<f64>() / span)
+    }
+
+    /// How long nothing has arrived, as of `now`, counting from `since` if nothing ever did.
+    pub fn quiet_for(&self, now: Instant, since: Instant) -> Duration {
+        now.saturating_duration_since(self.last_activity.map_or(since, |t| t.max(since)))
+    }
+
+    pub fn status(&self, now: Instant, quiet: Option<(Duration, &str)>) -> Value {
+        let ago =
+            |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        json!({
+            "ports": self.ports,
+            "open_connections": self.open_connections,
+            "rate_per_s": self.rate(now),
+            "last_activity_ms_ago": ago(self.last_activity),
+            "last_new_connection_ms_ago": ago(self.last_new_connection),
+            "quiet_period_ms": quiet.map(|(d, _)| d.as_millis() as u64),
+            "quiet_period_reason": quiet.map(|(_, why)| why),
+            "late_events": self.late_events,
+            "blind_spot": self.blind_spot,
+        })
+    }
+}
+
+/// How long traffic must stay away before the replica is taken as out of rotation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum QuietPeriod {
+    /// Derived from the arrival rate before the drain.
+    Auto,
+    Fixed(Duration),
+}
+
+impl QuietPeriod {
+    /// The period to use and why. Auto: with arrivals at rate r, a replica still in rotation sees
+    /// none for T with probability e^(-rT); T = ln(1/0.001)/r makes that 0.1 %. Never under 1 s,
+    /// never past `max`; with no measurable rate, `max`.
+    pub fn resolve(self, rate: Option<f64>, max: Duration) -> (Duration, String) {
+        match (self, rate) {
+            (QuietPeriod::Fixed(period), _) => (period, "fixed by --quiet-period".into()),
+            (QuietPeriod::Auto, Some(rate)) if rate > 0.0 => {
+                let period = Duration::from_secs_f64((1.0 / MISS_PROBABILITY).ln() / rate);
+                let clamped = period.clamp(MIN_QUIET, max.max(MIN_QUIET));
+                (
+                    clamped,
+                    format!(
+                        "auto: {rate:.2} arrivals/s before the drain, 99.9% sure within {period:.1?}"
+                    ),
+                )
+            }
+            (QuietPeriod::Auto, _) => (
+                max,
+                "auto: too little traffic before the drain to measure, using --drain-max".into(),
+            ),
+        }
+    }
+}
+
+/// Shared between the sampling task (writer), the drain and `/status` (readers).
+pub type SharedTraffic = Arc<Mutex<Traffic>>;
+
+/// Samples the kernel's counters for the app's ports until the process exits; runs from start-up
+/// so the rate before the drain is known when it begins. Also logs requests that arrive after the
+/// stop signal: the drain ended too early.
+pub async fn monitor(
+    traffic: SharedTraffic,
+    app: Pid,
+    given_ports: Vec<u16>,
+    own_port: u16,
+    own_accepts: Arc<AtomicU64>,
+    mut state: watch::Receiver<State>,
+) {
+    let mut sampler = match TcpSampler::new() {
+        Ok(sampler) => Some(sampler),
+        Err(e) => {
+            let why = format!(
+                "sock_diag unavailable ({e}): only new connections are seen, not requests on kept-alive ones"
+            );
+            warn!("traffic watcher: {why}");
+            lock(&traffic).blind_spot = Some(why);
+            None
+        }
+    };
+    let mut ports_looked_up: Option<Instant> = None;
+    loop {
+        let current = state.borrow_and_update().phase;
+        let draining = current.drain_has_started();
+        if given_ports.is_empty()
+            && !draining
+            && ports_looked_up.is_none_or(|t| t.elapsed() >= PORT_DISCOVERY_EVERY)
+        {
+            let (back, ports) = discover_ports(sampler.take(), app, own_port).await;
+            sampler = back;
+            ports_looked_up = Some(Instant::now());
+            let mut traffic = lock(&traffic);
+            if traffic.ports != ports {
+                info!(ports = ?ports, "traffic watcher: app ports");
+                traffic.ports = ports;
+            }
+        }
+        let ports = lock(&traffic).ports.clone();
+        let (back, observation) =
+            observe(sampler.take(), ports, own_accepts.load(Ordering::Relaxed)).await;
+        sampler = back;
+        let events = lock(&traffic).observe(observation, Instant::now());
+        if events > 0 && matches!(current, Phase::Stopping) {
+            lock(&traffic).late_events += u64::from(events);
+            warn!(
+                events,
+                "late arrival: requests reached the app after its stop signal (the drain ended too early)"
+            );
+        }
+        if matches!(current, Phase::Exited { .. }) {
+            return;
+        }
+        let pause = if draining {
+            SAMPLE_DURING_DRAIN
+        } else {
+            SAMPLE_BEFORE_DRAIN
+        };
+        // Wake early when the phase changes, so sampling speeds up as soon as the drain starts.
+        let _ = tokio::time::timeout(pause, state.changed()).await;
+    }
+}
+
+/// Runs a blocking kernel query off the async thread: a slow dump must never hold up signals.
+async fn off_thread<T: Send + 'static>(
+    sampler: Option<TcpSampler>,
+    query: impl FnOnce(&mut Option<TcpSampler>) -> T + Send + 'static,
+) -> (Option<TcpSampler>, T) {
+    let result = tokio::task::spawn_blocking(move || {
+        let mut sampler = sampler;
+        let value = query(&mut sampler);
+        (sampler, value)
+    })
+    .await;
+    match result {
+        Ok(done) => done,
+        Err(e) => panic!("traffic sampler thread failed: {e}"),
+    }
+}
+
+async fn observe(
+    sampler: Option<TcpSampler>,
+    ports: Vec<u16>,
+    own_accepts: u64,
+) -> (Option<TcpSampler>, Observation) {
+    off_thread(sampler, move |sampler| Observation {
+        passive_opens: tcp::passive_opens().ok(),
+        own_accepts,
+        connections: sampler.as_mut().and_then(|s| s.connections(&ports).ok()),
+    })
+    .await
+}
+
+async fn discover_ports(
+    sampler: Option<TcpSampler>,
+    app: Pid,
+    own_port: u16,
+) -> (Option<TcpSampler>, Vec<u16>) {
+    off_thread(sampler, move |sampler| {
+        let listeners = sampler
+            .as_mut()
+            .and_then(|s| s.listeners().ok())
+            .unwrap_or_default();
+        let mut ports = tcp::listening_ports_of_tree(app, &listeners);
+        ports.retain(|p| *p != own_port);
+        ports
+    })
+    .await
+}
+
+/// The lock is never held across an await; a panic while holding it is a bug, but must not stop
+/// the drain: use the data as it is.
+pub fn lock(traffic: &SharedTraffic) -> std::sync::MutexGuard<'_, Traffic> {
+    traffic
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn conn(inode: u32, bytes: u64) -> Connection {
+        Connection {
+            local_port: 8080,
+            remote: SocketAddr::from(([10, 0, 0, 1], 40000 + inode as u16)),
+            inode,
+            bytes_received: Some(bytes),
+        }
+    }
+
+    fn obs(passive: u64, own: u64, conns: Vec<Connection>) -> Observation {
+        Observation {
+            passive_opens: Some(passive),
+            own_accepts: own,
+            connections: Some(conns),
+        }
+    }
+
+    #[test]
+    fn new_connections_count_but_drainits_own_probe_connections_do_not() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        assert_eq!(
+            traffic.observe(obs(100, 40, vec![]), t0),
+            0,
+            "the first look is the baseline"
+        );
+        // Three probe connections to drainit and nothing else.
+        assert_eq!(traffic.observe(obs(103, 43, vec![]), t0 + MS(100)), 0);
+        // One app connection (already closed again: only the counter saw it).
+        assert_eq!(traffic.observe(obs(104, 43, vec![]), t0 + MS(200)), 1);
+        assert_eq!(traffic.last_new_connection, Some(t0 + MS(200)));
+    }
+
+    #[test]
+    fn a_probe_counted_before_drainit_accepted_it_is_not_counted_twice() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        traffic.observe(obs(10, 5, vec![]), t0);
+        // The kernel counted a probe connection drainit has not accepted yet: looks like one.
+        assert_eq!(traffic.observe(obs(11, 5, vec![]), t0 + MS(100)), 1);
+        // Accepted now: the balance goes back, and nothing new is counted.
+        assert_eq!(traffic.observe(obs(11, 6, vec![]), t0 + MS(200)), 0);
+        assert_eq!(traffic.observe(obs(12, 7, vec![]), t0 + MS(300)), 0);
+        // A real arrival later on is still seen.
+        assert_eq!(traffic.observe(obs(13, 7, vec![]), t0 + MS(400)), 1);
+    }
+
+    #[test]
+    fn bytes_on_kept_alive_connections_are_activity_open_idle_ones_are_not() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        traffic.observe(obs(5, 0, vec![conn(1, 100), conn(2, 100)]), t0);
+        assert_eq!(
+            traffic.observe(obs(5, 0, vec![conn(1, 180), conn(2, 100)]), t0 + MS(100)),
+            1
+        );
+        assert_eq!(traffic.last_activity, Some(t0 + MS(100)));
+        // Both still open, nothing received: quiet, however many connections the pool keeps.
+        assert_eq!(
+            traffic.observe(obs(5, 0, vec![conn(1, 180), conn(2, 100)]), t0 + MS(200)),
+            0
+        );
+        assert_eq!(traffic.open_connections, 2);
+        assert_eq!(traffic.quiet_for(t0 + MS(1200), t0), MS(1100));
+    }
+
+    #[test]
+    fn without_the_counter_unseen_sockets_stand_for_new_connections() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        let blind = |conns| Observation {
+            passive_opens: None,
+            own_accepts: 0,
+            connections: Some(conns),
+        };
+        traffic.observe(blind(vec![conn(1, 10)]), t0);
+        assert_eq!(
+            traffic.observe(blind(vec![conn(1, 10), conn(2, 50)]), t0 + MS(100)),
+            1
+        );
+    }
+
+    #[test]
+    fn rate_from_steady_slow_and_bursty_arrivals() {
+        let t0 = Instant::now();
+        // Steady: one new connection per 100 ms sample for 10 s = 10/s.
+        let mut steady = Traffic::new(vec![], t0);
+        for i in 0..=100u64 {
+            steady.observe(obs(i, 0, vec![]), t0 + MS(i * 100));
+        }
+        let rate = steady.rate(t0 + MS(10_000)).unwrap();
+        assert!((rate - 10.0).abs() < 0.5, "{rate}");
+        // Slow: 3 a second for 20 s.
+        let mut slow = Traffic::new(vec![], t0);
+        for i in 0..=60u64 {
+            slow.observe(obs(i, 0, vec![]), t0 + MS(i * 333));
+        }
+        let rate = slow.rate(t0 + MS(20_000)).unwrap();
+        assert!((rate - 3.0).abs() < 0.2, "{rate}");
+        // Bursty: 50 at once every 5 s over 20 s = 10/s on average.
+        let mut bursty = Traffic::new(vec![], t0);
+        let mut total = 0;
+        for i in 0..=4u64 {
+            bursty.observe(obs(total, 0, vec![]), t0 + MS(i * 5000));
+            total += 50;
+            bursty.observe(obs(total, 0, vec![]), t0 + MS(i * 5000 + 100));
+        }
+        let rate = bursty.rate(t0 + MS(20_100)).unwrap();
+        assert!((rate - 12.4).abs() < 1.0, "{rate}");
+        // Too few events: no rate.
+        let mut idle = Traffic::new(vec![], t0);
+        idle.observe(obs(0, 0, vec![]), t0);
+        idle.observe(obs(2, 0, vec![]), t0 + MS(5000));
+        assert_eq!(idle.rate(t0 + MS(10_000)), None);
+    }
+
+    #[test]
+    fn the_auto_quiet_period_follows_the_rate_within_bounds() {
+        let max = Duration::from_secs(30);
+        let (fast, _) = QuietPeriod::Auto.resolve(Some(200.0), max);
+        assert_eq!(fast, MIN_QUIET, "at 200/s, 35 ms would do: never under 1 s");
+        let (slow, why) = QuietPeriod::Auto.resolve(Some(3.0), max);
+        assert!((slow.as_secs_f64() - 2.30).abs() < 0.01, "{slow:?}");
+        assert!(why.contains("3.00 arrivals/s"), "{why}");
+        let (rare, _) = QuietPeriod::Auto.resolve(Some(0.1), max);
+        assert_eq!(rare, max, "69 s would do: never past --drain-max");
+        let (unknown, why) = QuietPeriod::Auto.resolve(None, max);
+        assert_eq!(unknown, max);
+        assert!(why.contains("too little traffic"), "{why}");
+        assert_eq!(
+            QuietPeriod::Fixed(MS(700)).resolve(Some(5.0), max).0,
+            MS(700)
+        );
+    }
+}

@@ -1,0 +1,707 @@
+//! The kernel's view of the app's TCP traffic, for the traffic drain watcher.
+//!
+//! A drain can end early once clients have stopped coming, but drainit must not sit in the data
+//! path to see that: a proxy would add latency and a failure mode to every request. The kernel
+//! already counts everything: sock_diag dumps every socket of the pod's network namespace with
+//! its `tcp_info` (bytes received), `/proc/net/snmp` counts accepted connections, and `/proc`
+//! maps the app's listening sockets to its ports. Reading them needs no privileges and costs the
+//! app nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io;
+use std::mem::size_of;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use netlink_packet_core::{
+    DoneBuffer, ErrorBuffer, NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NlasIterator, Parseable,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{
+    AF_INET, AF_INET6, INET_DIAG_INFO, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, TCP_SYN_RECV,
+};
+use netlink_packet_sock_diag::inet::nlas::TcpInfo;
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseBuffer, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_sys::protocols::NETLINK_SOCK_DIAG;
+use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
+use nix::unistd::Pid;
+
+/// One TCP connection to a local port, as the kernel's sock_diag reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub local_port: u16,
+    /// The peer; an IPv4 peer of a dual-stack (`[::]`) socket is given as IPv4, not `::ffff:a.b.c.d`.
+    pub remote: SocketAddr,
+    /// 0 while the connection waits in the listener's accept queue (it has no file yet).
+    pub inode: u32,
+    /// tcp_info.bytes_received; None where the kernel's tcp_info could not be parsed. Some(0)
+    /// for a handshake still in progress, which has no tcp_info yet but received nothing either.
+    pub bytes_received: Option<u64>,
+}
+
+/// A sock_diag netlink socket for the network namespace drainit runs in (the pod's).
+pub struct TcpSampler {
+    socket: Socket,
+    /// Reused across dumps: sampling runs up to 10 times a second.
+    buffer: Vec<u8>,
+    sequence: u32,
+    /// False once this kernel's tcp_info proved shorter than the crate's struct: then asking
+    /// for it only makes the kernel build attributes nobody can read.
+    tcp_info: bool,
+}
+
+/// The kernel never puts more than ~32 KiB in one dump datagram (netlink caps its dump skbs at
+/// `SKB_WITH_OVERHEAD(32768)`), and sizes them by the largest read it has seen: one buffer this
+/// size takes every datagram whole, with the fewest `recv` calls.
+const RECEIVE_BUFFER: usize = 32 * 1024;
+
+/// All states but LISTEN, TIME_WAIT and CLOSE: listeners are not connections, and TIME_WAIT or
+/// CLOSE sockets can no longer receive anything. Filtering in the request spares the kernel
+/// from formatting them at all.
+fn connection_states() -> StateFlags {
+    StateFlags::all() - StateFlags::LISTEN - StateFlags::TIME_WAIT - StateFlags::CLOSE
+}
+
+impl TcpSampler {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            socket: open_socket()?,
+            buffer: vec![0; RECEIVE_BUFFER],
+            sequence: 0,
+            tcp_info: true,
+        })
+    }
+
+    /// Every non-listening TCP socket (IPv4 and IPv6; all states except LISTEN, TIME_WAIT and
+    /// CLOSE) whose local port is in `ports`.
+    pub fn connections(&mut self, ports: &[u16]) -> io::Result<Vec<Connection>> {
+        let mut connections = Vec::new();
+        if ports.is_empty() {
+            return Ok(connections);
+        }
+        let with_info = self.tcp_info;
+        let extensions = if with_info {
+            ExtensionFlags::INFO
+        } else {
+            ExtensionFlags::empty()
+        };
+        let mut info_unparseable = false;
+        for family in [AF_INET, AF_INET6] {
+            self.dump(
+                family,
+                connection_states(),
+                extensions.clone(),
+                |header, nlas| {
+                    let local_port = header.socket_id.source_port;
+                    if !ports.contains(&local_port) {
+                        return;
+                    }
+                    let bytes_received = if with_info {
+                        match find_tcp_info(nlas) {
+                            Some(info) => bytes_received(info).or_else(|| {
+                                info_unparseable = true;
+                                None
+                            }),
+                            // A request socket (handshake not complete) has no tcp_info at all.
+                            None if header.state == TCP_SYN_RECV => Some(0),
+                            None => None,
+                        }
+                    } else {
+                        None
+                    };
+                    connections.push(Connection {
+                        local_port,
+                        remote: SocketAddr::new(
+                            header.socket_id.destination_address.to_canonical(),
+                            header.socket_id.destination_port,
+                        ),
+                        inode: header.inode,
+                        bytes_received,
+                    });
+                },
+            )?;
+        }
+        if info_unparseable {
+            self.tcp_info = false;
+        }
+        Ok(connections)
+    }
+
+    /// Every listening TCP socket: (local port, inode), IPv4 and IPv6.
+    pub fn listeners(&mut self) -> io::Result<Vec<(u16, u32)>> {
+        let mut listeners = Vec::new();
+        for family in [AF_INET, AF_INET6] {
+            self.dump(
+                family,
+                StateFlags::LISTEN,
+                ExtensionFlags::empty(),
+                |header, _| listeners.push((header.socket_id.source_port, header.inode)),
+            )?;
+        }
+        Ok(listeners)
+    }
+
+    /// Whether [`Connection::bytes_received`] can be `Some` on this kernel: false once its
+    /// tcp_info proved unparseable, after which only connection arrivals can be observed.
+    pub fn reports_bytes_received(&self) -> bool {
+        self.tcp_info
+    }
+
+    /// Runs one sock_diag dump of TCP sockets of `family` in `states`, calling `each` with every
+    /// socket's header and raw attributes, until the kernel's NLMSG_DONE.
+    fn dump(
+        &mut self,
+        family: u8,
+        states: StateFlags,
+        extensions: ExtensionFlags,
+        each: impl FnMut(&InetResponseHeader, &[u8]),
+    ) -> io::Result<()> {
+        let result = self.dump_once(family, states, extensions, each);
+        if result.is_err() {
+            // A dump cut short keeps running in the kernel, and the next request on this
+            // socket would get EBUSY until it is read to the end: a new socket drops it.
+            if let Ok(socket) = open_socket() {
+                self.socket = socket;
+            }
+        }
+        result
+    }
+
+    fn dump_once(
+        &mut self,
+        family: u8,
+        states: StateFlags,
+        extensions: ExtensionFlags,
+        mut each: impl FnMut(&InetResponseHeader, &[u8]),
+    ) -> io::Result<()> {
+        // A new sequence number per dump, so that no stray message is ever read as this dump's
+        // answer.
+        self.sequence = self.sequence.wrapping_add(1);
+        let sequence = self.sequence;
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = sequence;
+        let mut request = NetlinkMessage::new(
+            header,
+            SockDiagMessage::InetRequest(InetRequest {
+                family,
+                protocol: IPPROTO_TCP,
+                extensions,
+                states,
+                socket_id: if family == AF_INET {
+                    SocketId::new_v4()
+                } else {
+                    SocketId::new_v6()
+                },
+            })
+            .into(),
+        );
+        request.finalize();
+        let mut bytes = vec![0; request.buffer_len()];
+        request.serialize(&mut bytes);
+        self.socket.send(&bytes, 0)?;
+
+        let header_len = size_of::<InetResponseBuffer>();
+        loop {
+            let received = match self
+                .socket
+                .recv(&mut &mut self.buffer[..], nix::libc::MSG_TRUNC)
+            {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if received > self.buffer.len() {
+                return Err(invalid(format!(
+                    "sock_diag datagram of {received} bytes truncated to {}",
+                    self.buffer.len()
+                )));
+            }
+            let mut data = &self.buffer[..received];
+            while !data.is_empty() {
+                let message = NetlinkBuffer::new_checked(data).map_err(invalid)?;
+                let length = message.length() as usize;
+                let payload = message.payload();
+                data = &data[length.next_multiple_of(4).min(data.len())..];
+                if message.sequence_number() != sequence {
+                    continue;
+                }
+                match message.message_type() {
+                    SOCK_DIAG_BY_FAMILY => {
+                        let socket = InetResponseHeader::parse(payload).map_err(invalid)?;
+                        each(&socket, &payload[header_len..]);
+                    }
+                    NLMSG_DONE => {
+                        let code = DoneBuffer::new_checked(payload).map_err(invalid)?.code();
+                        return match code {
+                            0.. => Ok(()),
+                            _ => Err(io::Error::from_raw_os_error(-code)),
+                        };
+                    }
+                    NLMSG_ERROR => {
+                        let error = ErrorBuffer::new_checked(payload).map_err(invalid)?;
+                        return Err(match error.code() {
+                            Some(code) => io::Error::from_raw_os_error(-code.get()),
+                            None => invalid("sock_diag answered a dump with an ACK"),
+                        });
+                    }
+                    // NLMSG_NOOP, or anything newer: nothing to read in it.
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+fn open_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.bind_auto()?;
+    socket.connect(&NetlinkAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// The INET_DIAG_INFO attribute's value (the kernel's struct tcp_info), if present.
+fn find_tcp_info(nlas: &[u8]) -> Option<&[u8]> {
+    NlasIterator::new(nlas)
+        .map_while(Result::ok)
+        .find(|nla| nla.kind() == INET_DIAG_INFO)
+        .map(|nla| {
+            // value() would borrow the iterator's item; slice the underlying buffer instead.
+            let length = nla.length() as usize;
+            &nla.into_inner()[NLA_HEADER_SIZE..length]
+        })
+}
+
+/// bytes_received out of a kernel's struct tcp_info; None when it is shorter than the crate's
+/// struct (older kernels), which rich parsing cannot read.
+fn bytes_received(tcp_info: &[u8]) -> Option<u64> {
+    TcpInfo::parse(tcp_info)
+        .ok()
+        .map(|info| info.bytes_received)
+}
+
+fn invalid(error: impl ToString) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, error.to_string())
+}
+
+/// Cumulative passive opens (connections accepted by any listener) of this network namespace,
+/// from /proc/net/snmp ("Tcp:" header/value lines, field PassiveOpens).
+pub fn passive_opens() -> io::Result<u64> {
+    let snmp = fs::read_to_string("/proc/net/snmp")?;
+    parse_passive_opens(&snmp).ok_or_else(|| invalid("no Tcp: PassiveOpens in /proc/net/snmp"))
+}
+
+/// Parses that file's text (unit-testable).
+pub fn parse_passive_opens(snmp: &str) -> Option<u64> {
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let index = names
+        .split_whitespace()
+        .position(|name| name == "PassiveOpens")?;
+    values.split_whitespace().nth(index)?.parse().ok()
+}
+
+/// The ports that processes of the tree rooted at `root` (root and all its descendants, found
+/// via /proc/<pid>/task/*/children or the ppid field of /proc/<pid>/stat) listen on: match the
+/// `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`. Sorted, deduplicated.
+/// Unreadable /proc entries (processes that just exited) are skipped, never an error.
+pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> {
+    let port_of: HashMap<u32, u16> = listeners
+        .iter()
+        .filter(|(_, inode)| *inode != 0)
+        .map(|&(port, inode)| (inode, port))
+        .collect();
+    let mut ports = Vec::new();
+    if port_of.is_empty() {
+        return ports;
+    }
+    for pid in process_tree(root.as_raw()) {
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let inode = target
+                .to_str()
+                .and_then(|t| t.strip_prefix("socket:["))
+                .and_then(|t| t.strip_suffix(']'))
+                .and_then(|t| t.parse::<u32>().ok());
+            if let Some(&port) = inode.and_then(|inode| port_of.get(&inode)) {
+                ports.push(port);
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// `root` and every descendant, each once.
+fn process_tree(root: i32) -> Vec<i32> {
+    // The children files need CONFIG_PROC_CHILDREN, which some kernels lack; the ppid scan
+    // reads every process's stat instead, which costs more but works everywhere.
+    static HAS_CHILDREN_FILES: OnceLock<bool> = OnceLock::new();
+    let has_children_files =
+        *HAS_CHILDREN_FILES.get_or_init(|| Path::new("/proc/thread-self/children").exists());
+    let by_parent = if has_children_files {
+        HashMap::new()
+    } else {
+        children_by_ppid()
+    };
+    let mut tree = vec![root];
+    let mut seen = HashSet::from([root]);
+    let mut next = 0;
+    while let Some(&pid) = tree.get(next) {
+        next += 1;
+        let children = if has_children_files {
+            children_from_files(pid)
+        } else {
+            by_parent.get(&pid).cloned().unwrap_or_default()
+        };
+        for child in children {
+            // A pid reused while we walk could close a loop.
+            if seen.insert(child) {
+                tree.push(child);
+            }
+        }
+    }
+    tree
+}
+
+/// The children of every thread of `pid` (a child belongs to the thread that forked it).
+fn children_from_files(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
+
+/// Every process's children, from the ppid field of each /proc/<pid>/stat.
+fn children_by_ppid() -> HashMap<i32, Vec<i32>> {
+    let mut by_parent: HashMap<i32, Vec<i32>> = HashMap::new();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return by_parent;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        if let Some(ppid) = parse_ppid(&stat) {
+            by_parent.entry(ppid).or_default().push(pid);
+        }
+    }
+    by_parent
+}
+
+/// The ppid field of a /proc/<pid>/stat line: "pid (comm) state ppid ...". comm may hold spaces
+/// and parentheses, so the fields are counted from its last ')'.
+fn parse_ppid(stat: &str) -> Option<i32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+
+    /// This machine's /proc/net/snmp (kernel 6.18), pasted once.
+    const SNMP: &str = "\
+Ip: Forwarding DefaultTTL InReceives InHdrErrors InAddrErrors ForwDatagrams InUnknownProtos InDiscards InDelivers OutRequests OutDiscards OutNoRoutes ReasmTimeout ReasmReqds ReasmOKs ReasmFails FragOKs FragFails FragCreates OutTransmits
+Ip: 2 64 1139371 0 0 0 0 0 1139371 1137852 0 0 0 0 0 0 0 0 0 1137852
+Icmp: InMsgs InErrors InCsumErrors InDestUnreachs InTimeExcds InParmProbs InSrcQuenchs InRedirects InEchos InEchoReps InTimestamps InTimestampReps InAddrMasks InAddrMaskReps OutMsgs OutErrors OutRateLimitGlobal OutRateLimitHost OutDestUnreachs OutTimeExcds OutParmProbs OutSrcQuenchs OutRedirects OutEchos OutEchoReps OutTimestamps OutTimestampReps OutAddrMasks OutAddrMaskReps
+Icmp: 1 0 0 1 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0 0
+IcmpMsg: InType3
+IcmpMsg: 1
+Tcp: RtoAlgorithm RtoMin RtoMax MaxConn ActiveOpens PassiveOpens AttemptFails EstabResets CurrEstab InSegs OutSegs RetransSegs InErrs OutRsts InCsumErrors
+Tcp: 1 200 120000 -1 136364 130927 5408 127193 0 1139308 1137805 2 0 69079 0
+Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+Udp: 62 0 0 63 0 0 0 0 0
+UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors InCsumErrors IgnoredMulti MemErrors
+UdpLite: 0 0 0 0 0 0 0 0 0
+";
+
+    #[test]
+    fn parses_passive_opens_from_real_snmp() {
+        assert_eq!(parse_passive_opens(SNMP), Some(130_927));
+    }
+
+    #[test]
+    fn rejects_malformed_snmp() {
+        assert_eq!(parse_passive_opens(""), None);
+        // Header without its value line.
+        assert_eq!(parse_passive_opens("Tcp: ActiveOpens PassiveOpens\n"), None);
+        // No PassiveOpens field.
+        assert_eq!(parse_passive_opens("Tcp: ActiveOpens\nTcp: 5\n"), None);
+        // Value line too short.
+        assert_eq!(
+            parse_passive_opens("Tcp: ActiveOpens PassiveOpens\nTcp: 5\n"),
+            None
+        );
+        // Not a number.
+        assert_eq!(
+            parse_passive_opens("Tcp: ActiveOpens PassiveOpens\nTcp: 5 x\n"),
+            None
+        );
+        // Only the Udp section.
+        assert_eq!(
+            parse_passive_opens("Udp: InDatagrams PassiveOpens\nUdp: 1 2\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn parses_ppid_with_tricky_comm() {
+        assert_eq!(parse_ppid("42 (a) b (c)) S 7 42 42 0 -1"), Some(7));
+        assert_eq!(parse_ppid("1 (init) S 0 1 1"), Some(0));
+        assert_eq!(parse_ppid("garbage"), None);
+    }
+
+    /// A connected pair through `listener`, with `sent` bytes already read by the server side.
+    fn connected(listener: &TcpListener, sent: usize) -> (TcpStream, TcpStream) {
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut server, _) = listener.accept().unwrap();
+        client.write_all(&vec![7; sent]).unwrap();
+        server.read_exact(&mut vec![0; sent]).unwrap();
+        (client, server)
+    }
+
+    fn check_loopback(sampler: &mut TcpSampler, address: &str) {
+        let listener = match TcpListener::bind(address) {
+            Ok(listener) => listener,
+            Err(e) if address.starts_with('[') => {
+                println!("skipping {address}: {e}");
+                return;
+            }
+            Err(e) => panic!("bind {address}: {e}"),
+        };
+        let port = listener.local_addr().unwrap().port();
+        let listeners = sampler.listeners().unwrap();
+        let listed = listeners.iter().find(|(p, _)| *p == port);
+        assert!(
+            matches!(listed, Some((_, inode)) if *inode != 0),
+            "{address} port {port} not listed with an inode: {listeners:?}"
+        );
+
+        let before = passive_opens().unwrap();
+        let (client, _server) = connected(&listener, 1000);
+        assert!(passive_opens().unwrap() > before);
+
+        let connections = sampler.connections(&[port]).unwrap();
+        assert!(connections.iter().all(|c| c.local_port == port));
+        let accepted = connections
+            .iter()
+            .find(|c| c.remote == client.local_addr().unwrap())
+            .unwrap_or_else(|| panic!("accepted socket missing: {connections:?}"));
+        assert_ne!(accepted.inode, 0);
+        match accepted.bytes_received {
+            Some(bytes) => {
+                println!("{address}: rich tcp_info parsed, bytes_received = {bytes}");
+                assert!(bytes >= 1000);
+            }
+            None => {
+                println!("{address}: tcp_info unparseable, fallback without bytes_received");
+                assert!(!sampler.reports_bytes_received());
+            }
+        }
+        // Neither the listener nor the client's end (its local port is ephemeral) is a
+        // connection to `port`.
+        assert_eq!(connections.len(), 1, "{connections:?}");
+    }
+
+    #[test]
+    fn sees_loopback_listeners_and_connections() {
+        let mut sampler = TcpSampler::new().unwrap();
+        check_loopback(&mut sampler, "127.0.0.1:0");
+        check_loopback(&mut sampler, "[::1]:0");
+    }
+
+    #[test]
+    fn dual_stack_peer_is_reported_as_ipv4() {
+        let Ok(listener) = TcpListener::bind("[::]:0") else {
+            println!("skipping: no IPv6");
+            return;
+        };
+        let port = listener.local_addr().unwrap().port();
+        let Ok(mut client) = TcpStream::connect(("127.0.0.1", port)) else {
+            println!("skipping: [::] is IPv6-only here");
+            return;
+        };
+        let (_server, _) = listener.accept().unwrap();
+        client.write_all(b"x").unwrap();
+        let connections = TcpSampler::new().unwrap().connections(&[port]).unwrap();
+        assert!(
+            connections
+                .iter()
+                .any(|c| c.remote == client.local_addr().unwrap()),
+            "{connections:?}"
+        );
+    }
+
+    #[test]
+    fn dump_without_tcp_info_reports_no_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_client, _server) = connected(&listener, 10);
+        let mut sampler = TcpSampler::new().unwrap();
+        sampler.tcp_info = false;
+        let connections = sampler.connections(&[port]).unwrap();
+        assert_eq!(connections.len(), 1);
+        assert_eq!(connections[0].bytes_received, None);
+        assert_ne!(connections[0].inode, 0);
+    }
+
+    #[test]
+    fn short_tcp_info_is_not_parsed() {
+        // A real tcp_info from this kernel, then cut to the 4.x-era size (up to
+        // tcpi_bytes_received, before segs_out), which the crate's struct does not fit.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (_client, _server) = connected(&listener, 100);
+        let mut sampler = TcpSampler::new().unwrap();
+        let mut info = None;
+        for family in [AF_INET, AF_INET6] {
+            sampler
+                .dump(
+                    family,
+                    connection_states(),
+                    ExtensionFlags::INFO,
+                    |header, nlas| {
+                        if header.socket_id.source_port == port {
+                            info = find_tcp_info(nlas).map(<[u8]>::to_vec);
+                        }
+                    },
+                )
+                .unwrap();
+        }
+        let info = info.expect("tcp_info attribute");
+        println!("this kernel's tcp_info: {} bytes", info.len());
+        assert_eq!(bytes_received(&info), Some(100));
+        assert_eq!(bytes_received(&info[..120]), None);
+        assert_eq!(bytes_received(&[]), None);
+    }
+
+    #[test]
+    fn empty_port_list_needs_no_dump() {
+        let mut sampler = TcpSampler::new().unwrap();
+        assert_eq!(sampler.connections(&[]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn finds_listening_ports_of_own_tree() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut sampler = TcpSampler::new().unwrap();
+        let me = Pid::from_raw(std::process::id() as i32);
+
+        let ports = listening_ports_of_tree(me, &sampler.listeners().unwrap());
+        assert!(ports.contains(&port), "{port} not in {ports:?}");
+        assert!(ports.is_sorted());
+
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys, time\n\
+                 s = socket.socket()\n\
+                 s.bind(('127.0.0.1', 0))\n\
+                 s.listen()\n\
+                 print(s.getsockname()[1], flush=True)\n\
+                 time.sleep(60)",
+            ])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let child_port: u16 = line.trim().parse().unwrap();
+        let ports = listening_ports_of_tree(me, &sampler.listeners().unwrap());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(ports.contains(&child_port), "{child_port} not in {ports:?}");
+        assert!(ports.contains(&port));
+    }
+
+    #[test]
+    fn unknown_root_has_no_ports() {
+        let listeners = TcpSampler::new().unwrap().listeners().unwrap();
+        // Above the kernel's pid_max limit (2^22), so no such process.
+        assert!(listening_ports_of_tree(Pid::from_raw(i32::MAX), &listeners).is_empty());
+    }
+
+    /// `cargo test --release --lib tcp::tests::measure -- --ignored --nocapture`
+    #[test]
+    #[ignore = "measurement: opens 2000 loopback connections"]
+    fn measure_connections_with_2000_established() {
+        const N: usize = 2000;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let acceptor = std::thread::spawn(move || {
+            (0..N)
+                .map(|_| listener.accept().unwrap().0)
+                .collect::<Vec<_>>()
+        });
+        let clients: Vec<_> = (0..N)
+            .map(|_| TcpStream::connect(address).unwrap())
+            .collect();
+        let servers = acceptor.join().unwrap();
+        for client in &clients {
+            (&*client).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        }
+
+        let mut sampler = TcpSampler::new().unwrap();
+        let found = sampler.connections(&[address.port()]).unwrap();
+        assert_eq!(found.len(), N);
+        let mut times = Vec::new();
+        for _ in 0..50 {
+            let start = Instant::now();
+            let found = sampler.connections(&[address.port()]).unwrap();
+            times.push(start.elapsed());
+            assert_eq!(found.len(), N);
+        }
+        times.sort();
+        println!(
+            "connections() with {N} established (+{N} client ends): min {:?} median {:?} max {:?}",
+            times[0],
+            times[times.len() / 2],
+            times[times.len() - 1]
+        );
+        let start = Instant::now();
+        let listeners = sampler.listeners().unwrap();
+        println!("listeners(): {:?}", start.elapsed());
+        let start = Instant::now();
+        passive_opens().unwrap();
+        println!("passive_opens(): {:?}", start.elapsed());
+        let start = Instant::now();
+        listening_ports_of_tree(Pid::from_raw(std::process::id() as i32), &listeners);
+        println!(
+            "listening_ports_of_tree(self, {} fds): {:?}",
+            2 * N,
+            start.elapsed()
+        );
+        drop((clients, servers));
+    }
+}
