@@ -112,6 +112,59 @@ fn bad_flags_and_values_are_usage_errors() {
 }
 
 #[test]
+fn watched_drain_options_are_checked() {
+    assert_refused(
+        &["--drain-watch", "endpoints"],
+        2,
+        "use traffic, lb-probes or both",
+    );
+    assert_refused(
+        &[
+            "--drain-watch",
+            "traffic",
+            "--drain-min",
+            "5s",
+            "--drain-max",
+            "3s",
+        ],
+        2,
+        "--drain-min 5s is longer than --drain-max 3s",
+    );
+    assert_refused(
+        &["--drain-watch", "traffic", "--drain-max", "40s"],
+        2,
+        "use --drain-max 28s or less",
+    );
+    assert_refused(
+        &["--drain-watch", "traffic", "--quiet-period", "often"],
+        2,
+        "or auto",
+    );
+    assert_refused(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--lb-unhealthy-threshold",
+            "0",
+        ],
+        2,
+        "--lb-unhealthy-threshold",
+    );
+    assert_refused(&["--app-port", "http"], 2, "--app-port");
+    // Options of a watched drain without --drain-watch would be silently ignored: refused instead.
+    assert_refused(
+        &["--drain-max", "10s"],
+        2,
+        "--drain-max only applies to a watched drain",
+    );
+    assert_refused(
+        &["--quiet-period", "2s"],
+        2,
+        "--quiet-period only applies to a watched drain",
+    );
+}
+
+#[test]
 fn bad_environment_values_are_usage_errors_too() {
     let output = Command::new(drainit_bin())
         .env("DRAINIT_DRAIN_DELAY", "forever")

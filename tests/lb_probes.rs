@@ -1,0 +1,203 @@
+//! `--drain-watch lb-probes` on the real binary: load-balancer checkers on /ready, told apart by
+//! address and User-Agent, end the drain once each has seen it fail; the kubelet does not count.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Drainit, http_request, json};
+use nix::sys::signal::Signal;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// Probes /ready every `every` with `agent` until told to stop (or, with `stop_on_drain`, as soon
+/// as it sees the first 503: a load balancer that removed the pod by other means).
+struct Checker {
+    running: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Checker {
+    fn start(drainit: &Drainit, agent: &'static str, every: Duration, stop_on_drain: bool) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let (addr, flag) = (drainit.health, running.clone());
+        let thread = thread::spawn(move || {
+            while flag.load(Ordering::Relaxed) {
+                let request = format!(
+                    "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+                );
+                if http_request(addr, &request).0 == 503 && stop_on_drain {
+                    return;
+                }
+                thread::sleep(every);
+            }
+        });
+        Self {
+            running,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn evidence(drainit: &mut Drainit) -> (String, serde_json::Value) {
+    let over = drainit.log("drain over");
+    let reason = over["reason"].as_str().unwrap().to_owned();
+    (reason, json(over["evidence"].as_str().unwrap()))
+}
+
+#[test]
+fn the_drain_ends_once_every_load_balancer_saw_two_503s_and_the_kubelet_does_not_count() {
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            "200ms",
+            "--drain-max",
+            "20s",
+            "--grace-period",
+            "25s",
+        ],
+        &[],
+    );
+    let _lb = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
+    let _kubelet = Checker::start(
+        &drainit,
+        "kube-probe/1.31",
+        Duration::from_millis(300),
+        false,
+    );
+    thread::sleep(Duration::from_millis(800));
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal TERM");
+    let drained_after = stop.at - sigterm;
+    // Two 503s 200 ms apart: about 0.4 s; the 20 s cap would mean the watcher never decided.
+    assert!(drained_after < SECS(3), "drain took {drained_after:?}");
+    let (reason, evidence) = evidence(&mut drainit);
+    assert_eq!(reason, "watchers report drained");
+    assert_eq!(
+        evidence["load_balancers"], 1,
+        "the kubelet is not a load balancer: {evidence}"
+    );
+    assert!(
+        evidence["last_lb_probe_ms"].as_i64().unwrap() >= 0,
+        "{evidence}"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn a_load_balancer_that_stops_checking_counts_as_drained() {
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            "0",
+            "--drain-max",
+            "20s",
+            "--grace-period",
+            "25s",
+            "--lb-unhealthy-threshold",
+            "5",
+        ],
+        &[],
+    );
+    // Stops at its first 503, long before it could see five.
+    let _lb = Checker::start(
+        &drainit,
+        "ELB-HealthChecker/2.0",
+        Duration::from_millis(250),
+        true,
+    );
+    thread::sleep(Duration::from_millis(1000));
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal TERM");
+    let drained_after = stop.at - sigterm;
+    assert!(
+        drained_after >= Duration::from_millis(400) && drained_after < SECS(4),
+        "drain took {drained_after:?}"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn a_slow_checker_holds_the_drain_until_its_second_503() {
+    // Checking every 0.9 s, it cannot have seen two 503s sooner than 0.9 s after SIGTERM.
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            "0",
+            "--drain-max",
+            "2s",
+            "--grace-period",
+            "5s",
+        ],
+        &[],
+    );
+    let _slow = Checker::start(&drainit, "HAProxy", Duration::from_millis(900), false);
+    thread::sleep(Duration::from_millis(2000));
+    let sigterm = Instant::now();
+    drainit.signal(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal TERM");
+    // Its second 503 comes 0.9-1.8 s after SIGTERM: never before 0.9 s.
+    assert!(
+        stop.at - sigterm >= Duration::from_millis(900),
+        "ended after {:?}",
+        stop.at - sigterm
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn status_shows_each_checker_and_the_policy() {
+    let drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes,traffic",
+            "--drain-max",
+            "10s",
+            "--grace-period",
+            "15s",
+        ],
+        &[],
+    );
+    let _lb = Checker::start(&drainit, "HAProxy", Duration::from_millis(100), false);
+    thread::sleep(Duration::from_millis(500));
+    let (code, response) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
+    assert_eq!(code, 200);
+    let status = json(response.split("\r\n\r\n").nth(1).unwrap().trim());
+    assert_eq!(status["phase"], "ready");
+    assert_eq!(
+        status["drain_policy"]["watch"],
+        serde_json::json!(["lb-probes", "traffic"])
+    );
+    let checkers = status["lb_probes"]["checkers"].as_array().unwrap();
+    let lb = checkers
+        .iter()
+        .find(|c| c["user_agent"] == "HAProxy")
+        .expect("the checker is listed");
+    assert!(lb["probes"].as_u64().unwrap() >= 3, "{lb}");
+    assert!(lb["interval_ms"].as_u64().is_some(), "{lb}");
+    assert!(
+        status["traffic"]["ports"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "app port discovered: {status}"
+    );
+    drainit.signal(Signal::SIGINT);
+}
