@@ -163,6 +163,74 @@ fn report(name: &str, mut samples: Vec<Duration>, bar: Duration) {
     );
 }
 
+/// drainit's CPU time (user + system) so far, from /proc.
+fn cpu_time(pid: Pid) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf only reads a configuration value.
+    let per_second = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// drainit's CPU use over `span`, in percent of one core.
+fn cpu_percent(pid: Pid, span: Duration) -> f64 {
+    let before = cpu_time(pid);
+    thread::sleep(span);
+    (cpu_time(pid) - before).as_secs_f64() / span.as_secs_f64() * 100.0
+}
+
+/// Watching costs: drainit's CPU with the traffic and lb-probes watchers on, idle and with
+/// `connections` open (kept-alive, idle) to the app, before and during the drain.
+fn watching_cost(connections: usize) {
+    let watch = [
+        "--drain-watch",
+        "traffic,lb-probes",
+        "--drain-max",
+        "20s",
+        "--grace-period",
+        "25s",
+    ];
+    let mut run = start(&watch, &[], 3 * RUNS + connections);
+    let app: SocketAddr = loop {
+        let status = http_get(run.health, "/status");
+        let port = status["traffic"]["ports"].get(0).and_then(|p| p.as_u64());
+        if let Some(port) = port {
+            break SocketAddr::from(([127, 0, 0, 1], port as u16));
+        }
+        thread::sleep(Duration::from_millis(100));
+    };
+    let open: Vec<TcpStream> = (0..connections)
+        .map(|_| TcpStream::connect(app).unwrap())
+        .collect();
+    thread::sleep(Duration::from_secs(1));
+    let span = Duration::from_secs(8);
+    let before = cpu_percent(run.pid(), span);
+    kill(run.pid(), Signal::SIGTERM).unwrap();
+    let during = cpu_percent(run.pid(), span);
+    println!(
+        "{:<44} idle {before:.2}% (bar 1%: {}), during the drain {during:.2}%",
+        format!("drainit CPU watching, {connections} idle conns"),
+        if before < 1.0 { "ok" } else { "OVER" }
+    );
+    drop(open);
+    kill(run.pid(), Signal::SIGINT).unwrap();
+    run.wait_exit();
+}
+
+fn http_get(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap_or("null")).unwrap_or_default()
+}
+
 fn abs_diff(a: Instant, b: Instant) -> Duration {
     if a > b { a - b } else { b - a }
 }
@@ -251,4 +319,7 @@ fn main() {
     );
     kill(run.pid(), Signal::SIGINT).unwrap();
     run.wait_exit();
+
+    watching_cost(0);
+    watching_cost(2000);
 }

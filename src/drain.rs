@@ -245,7 +245,7 @@ impl WatchedDrain {
         now: Instant,
     ) -> bool {
         match watcher {
-            Watcher::Traffic => traffic::lock(&observers.traffic).quiet_for(now, started) >= quiet,
+            Watcher::Traffic => traffic::lock(&observers.traffic).quiet_for(started) >= quiet,
             Watcher::LbProbes => {
                 observers
                     .checkers()
@@ -344,10 +344,10 @@ mod tests {
         let observers = Observers::new(vec![8080]);
         let traffic = observers.traffic.clone();
         let feeder = tokio::spawn(async move {
-            // Requests keep arriving for 1 s, then stop.
-            for i in 0..=10u64 {
+            // Requests keep arriving for 1 s, then stop; the counter is read on.
+            for i in 0..=40u64 {
                 let observation = traffic::Observation {
-                    passive_opens: Some(i),
+                    passive_opens: Some(i.min(10)),
                     ..Default::default()
                 };
                 traffic::lock(&traffic).observe(observation, Instant::now());
@@ -357,7 +357,7 @@ mod tests {
         let end = watched(&[Watcher::Traffic], 500, 10_000)
             .run(started, observers)
             .await;
-        feeder.await.unwrap();
+        feeder.abort();
         assert_eq!(end.reason, EndReason::Watchers);
         assert!(
             end.elapsed >= MS(1300) && end.elapsed <= MS(2000),

@@ -168,7 +168,7 @@ fn status(state: State, observers: &Observers, context: &StatusContext) -> serde
     let quiet = quiet.map(|(period, max)| period.resolve(traffic.rate(origin), max));
     let mut traffic_view = traffic.status(now, quiet.as_ref().map(|(d, why)| (*d, why.as_str())));
     if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started) {
-        traffic_view["drained"] = json!(traffic.quiet_for(now, started) >= *period);
+        traffic_view["drained"] = json!(traffic.quiet_for(started) >= *period);
     }
     json!({
         "phase": state.phase.name(),
