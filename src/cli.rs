@@ -113,6 +113,61 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub lb_unhealthy_threshold: Option<u32>,
 
+    /// Ready only while GET on this URL answers 2xx (plain http://, e.g. http://127.0.0.1:8080/healthz).
+    #[arg(
+        long,
+        env = "DRAINIT_READY_HTTP",
+        value_name = "URL",
+        group = "app_check"
+    )]
+    pub ready_http: Option<String>,
+
+    /// Ready only while a TCP connection to HOST:PORT succeeds.
+    #[arg(
+        long,
+        env = "DRAINIT_READY_TCP",
+        value_name = "HOST:PORT",
+        group = "app_check"
+    )]
+    pub ready_tcp: Option<String>,
+
+    /// Ready only while this command exits 0 (split into words like a shell would, never run by
+    /// one), e.g. '/app/check --ready'.
+    #[arg(
+        long,
+        env = "DRAINIT_READY_EXEC",
+        value_name = "CMD",
+        group = "app_check"
+    )]
+    pub ready_exec: Option<String>,
+
+    /// How often the app check runs; /ready answers from the last result, never waits for one.
+    #[arg(long, env = "DRAINIT_READY_INTERVAL", value_name = "DURATION",
+          default_value = "1s", value_parser = parse_duration)]
+    pub ready_interval: Duration,
+
+    /// How long one app check may take before it counts as failed.
+    #[arg(long, env = "DRAINIT_READY_TIMEOUT", value_name = "DURATION",
+          default_value = "1s", value_parser = parse_duration)]
+    pub ready_timeout: Duration,
+
+    /// Ready only after the app check has passed without a break for this long (or, without a
+    /// check, this long after the app started).
+    #[arg(long, env = "DRAINIT_MIN_READY", value_name = "DURATION",
+          default_value = "0s", value_parser = parse_duration)]
+    pub min_ready: Duration,
+
+    /// Start-up gate: tell the kubelet (kube-probe/) "not ready" until every load balancer
+    /// checking /ready has seen it 200 this many times in a row; load balancers are told the
+    /// truth at once.
+    #[arg(long, env = "DRAINIT_READY_AFTER_LB_PROBES", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub ready_after_lb_probes: Option<u32>,
+
+    /// With --ready-after-lb-probes: after this long ready, open the gate anyway (with a warning).
+    #[arg(long, env = "DRAINIT_READY_LB_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_lb_timeout: Option<Duration>,
+
     /// The app and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,

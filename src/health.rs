@@ -8,7 +8,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -19,15 +19,16 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use crate::drain::lb_probes::CheckerId;
-use crate::drain::{DrainPolicy, Observers, traffic};
+use crate::drain::lb_probes::{CheckerId, Checkers};
+use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
+use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
+use crate::status;
 
 /// Probes send a few header lines; anything slower is not a probe.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -53,12 +54,44 @@ pub fn announce(listener: &TcpListener) {
     }
 }
 
-/// What `/status` shows besides the lifecycle: fixed at start-up.
-#[derive(Debug, Clone)]
-pub struct StatusContext {
+/// What the probe server needs besides the lifecycle: fixed at start-up, or shared state it reads.
+#[derive(Debug)]
+pub struct Context {
     pub started: Instant,
     pub app_pid: i32,
     pub drain: DrainPolicy,
+    pub readiness: ReadinessConfig,
+    pub check_log: SharedCheckLog,
+    pub startup_gate: Option<StartupGate>,
+    /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
+    /// balancers' checks.
+    pub gate_opened: AtomicBool,
+}
+
+impl Context {
+    /// Whether the start-up gate still holds the kubelet back from a ready app.
+    fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
+        let Some(gate) = self.startup_gate else {
+            return false;
+        };
+        if self.gate_opened.load(Ordering::Relaxed) {
+            return false;
+        }
+        let verdict = gate.state(checkers, state.ready_since, now);
+        match verdict {
+            GateState::Waiting => return true,
+            GateState::Open => info!(
+                probes = gate.probes,
+                "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
+            ),
+            GateState::TimedOut => warn!(
+                timeout_ms = gate.timeout.as_millis() as u64,
+                "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
+            ),
+        }
+        self.gate_opened.store(true, Ordering::Relaxed);
+        false
+    }
 }
 
 /// Serves probes until the process exits.
@@ -66,7 +99,7 @@ pub async fn serve(
     listener: TcpListener,
     state: watch::Receiver<State>,
     observers: Observers,
-    context: StatusContext,
+    context: Context,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let context = Arc::new(context);
@@ -112,77 +145,43 @@ fn handle(
     peer: IpAddr,
     state: State,
     observers: &Observers,
-    context: &StatusContext,
+    context: &Context,
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
-    if path == "/status" && (request.method() == Method::GET || request.method() == Method::HEAD) {
-        let body = status(state, observers, context).to_string() + "\n";
+    let reads = request.method() == Method::GET || request.method() == Method::HEAD;
+    if path == "/status" && reads {
+        let body = status::render(state, observers, context).to_string() + "\n";
         return with_body(StatusCode::OK, "application/json", body);
     }
-    let response = respond(request, state.phase);
-    if path == "/ready" && response.status() != StatusCode::METHOD_NOT_ALLOWED {
-        let agent = request
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+    let agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let checker = CheckerId {
+        addr: peer,
+        agent: agent.to_owned(),
+    };
+    let now = Instant::now();
+    let held = path == "/ready"
+        && checker.is_kubelet()
+        && state.phase.is_ready()
+        && context.gate_holds(&observers.checkers(), state, now);
+    let response = if held {
+        plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: waiting for the load balancers (start-up gate)\n",
+        )
+    } else {
+        respond(request, state.phase)
+    };
+    if path == "/ready" && reads {
         let ready = response.status() == StatusCode::OK;
-        let checker = CheckerId { addr: peer, agent };
-        observers.checkers().record(
-            checker,
-            Instant::now(),
-            ready,
-            state.phase.drain_has_started(),
-        );
+        observers
+            .checkers()
+            .record(checker, now, ready, state.phase.drain_has_started());
     }
     response
-}
-
-/// `/status`: the live state of drainit and its watchers, as JSON.
-fn status(state: State, observers: &Observers, context: &StatusContext) -> serde_json::Value {
-    let now = Instant::now();
-    let (policy, threshold, quiet) = match &context.drain {
-        DrainPolicy::Fixed(delay) => (
-            json!({ "fixed_delay_ms": delay.as_millis() as u64 }),
-            None,
-            None,
-        ),
-        DrainPolicy::Watched(watched) => {
-            let watchers: Vec<String> = watched.watchers.iter().map(ToString::to_string).collect();
-            let policy = json!({
-                "watch": watchers,
-                "min_ms": watched.min.as_millis() as u64,
-                "max_ms": watched.max.as_millis() as u64,
-            });
-            let quiet = watched
-                .watches_traffic()
-                .then_some((watched.quiet_period, watched.max));
-            (policy, Some(watched.lb_unhealthy_threshold), quiet)
-        }
-    };
-    let threshold_or_default = threshold.unwrap_or(2);
-    let checkers = observers.checkers();
-    let traffic = traffic::lock(&observers.traffic);
-    let origin = state.drain_started.unwrap_or(now);
-    let quiet = quiet.map(|(period, max)| period.resolve(traffic.rate(origin), max));
-    let mut traffic_view = traffic.status(now, quiet.as_ref().map(|(d, why)| (*d, why.as_str())));
-    if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started) {
-        traffic_view["drained"] = json!(traffic.quiet_for(started) >= *period);
-    }
-    json!({
-        "phase": state.phase.name(),
-        "uptime_ms": context.started.elapsed().as_millis() as u64,
-        "app_pid": context.app_pid,
-        "drain_elapsed_ms": state.drain_started.map(|t| t.elapsed().as_millis() as u64),
-        "drain_policy": policy,
-        "traffic": traffic_view,
-        "lb_probes": {
-            "unhealthy_threshold": threshold,
-            "drained": threshold.and(state.drain_started).map(|t| checkers.drained(now, t, threshold_or_default)),
-            "checkers": checkers.status(now, state.drain_started, threshold_or_default),
-        },
-    })
 }
 
 /// The answer to one probe request, given the current phase.

@@ -17,12 +17,15 @@ pub mod health;
 pub mod lifecycle;
 pub mod logging;
 pub mod prestop;
+pub mod readiness;
 pub mod reaper;
 pub mod signals;
+pub mod status;
 pub mod supervisor;
 pub mod tcp;
 
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use tokio::net::TcpListener;
@@ -35,8 +38,9 @@ use crate::config::RunConfig;
 use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, Lifecycle};
+use crate::readiness::SharedCheckLog;
 use crate::reaper::Reaper;
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Inputs, Supervisor};
 
 /// The whole program: `main.rs` only calls this.
 pub fn main() -> ExitCode {
@@ -95,35 +99,52 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let probes = health::bind(config.health_listen)?;
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
+    let reaper = Reaper::default();
     let app = App::spawn(&config.command, config.forward_to_group)?;
     health::announce(&probes);
 
     let mut lifecycle = Lifecycle::default();
-    lifecycle.apply(Event::AppStarted);
     let observers = observe_traffic(&config, app, &probes, &lifecycle);
+    let check_log = SharedCheckLog::default();
+    let (readiness_tx, readiness_rx) = mpsc::channel(8);
+    if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
+        // Nothing to wait for: ready before the first probe can arrive.
+        lifecycle.apply(Event::AppReady);
+    } else {
+        tokio::spawn(readiness::run(
+            config.readiness.clone(),
+            check_log.clone(),
+            reaper.waiters(),
+            readiness_tx,
+            lifecycle.subscribe(),
+            |_, _| {},
+        ));
+    }
     let (drain_tx, drain_rx) = mpsc::channel(8);
-    let status = health::StatusContext {
+    let context = health::Context {
         started,
         app_pid: app.pid.as_raw(),
         drain: config.drain.clone(),
+        readiness: config.readiness.clone(),
+        check_log,
+        startup_gate: config.startup_gate,
+        gate_opened: AtomicBool::new(false),
     };
     tokio::spawn(health::serve(
         probes,
         lifecycle.subscribe(),
         observers.clone(),
-        status,
+        context,
     ));
     tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
-    let supervisor = Supervisor::new(
-        app,
-        lifecycle,
-        config.drain,
-        observers,
-        config.budget,
-        config.stop_signal,
-    );
-    Ok(supervisor.run(signals, drain_rx).await)
+    let supervisor = Supervisor::new(app, lifecycle, reaper, observers, &config);
+    let inputs = Inputs {
+        signals,
+        drain_requests: drain_rx,
+        readiness: readiness_rx,
+    };
+    Ok(supervisor.run(inputs).await)
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the

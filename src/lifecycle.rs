@@ -25,6 +25,8 @@ pub enum Phase {
     Starting,
     /// The app runs and may receive traffic.
     Ready,
+    /// The app's readiness check fails (it passed before): no traffic until it passes again.
+    Unready,
     /// Not ready any more; the app keeps serving while load balancers stop sending to it.
     Draining { trigger: DrainTrigger },
     /// A `prestop` drain is over; the app still runs until the kubelet's SIGTERM arrives.
@@ -38,11 +40,16 @@ pub enum Phase {
 /// Things that move the lifecycle forward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    AppStarted,
+    /// The app's readiness check passed (for `--min-ready`), or there is none.
+    AppReady,
+    /// The app's readiness check failed.
+    AppUnready,
     DrainStarted(DrainTrigger),
     DrainOver,
     StopSignalSent,
-    AppExited { code: u8 },
+    AppExited {
+        code: u8,
+    },
 }
 
 impl Phase {
@@ -53,10 +60,15 @@ impl Phase {
         match (self, event) {
             (Exited { .. }, _) => None,
             (_, Event::AppExited { code }) => Some(Exited { code }),
-            (Starting, Event::AppStarted) => Some(Ready),
-            (Starting | Ready, Event::DrainStarted(trigger)) => Some(Draining { trigger }),
+            (Starting | Unready, Event::AppReady) => Some(Ready),
+            (Ready, Event::AppUnready) => Some(Unready),
+            (Starting | Ready | Unready, Event::DrainStarted(trigger)) => {
+                Some(Draining { trigger })
+            }
             (Draining { .. }, Event::DrainOver) => Some(Drained),
-            (Starting | Ready | Draining { .. } | Drained, Event::StopSignalSent) => Some(Stopping),
+            (Starting | Ready | Unready | Draining { .. } | Drained, Event::StopSignalSent) => {
+                Some(Stopping)
+            }
             _ => None,
         }
     }
@@ -73,7 +85,7 @@ impl Phase {
 
     /// The drain has started, whatever happened since.
     pub fn drain_has_started(&self) -> bool {
-        !matches!(self, Phase::Starting | Phase::Ready)
+        !matches!(self, Phase::Starting | Phase::Ready | Phase::Unready)
     }
 
     /// Nothing is left to wait for before the app may be stopped.
@@ -88,6 +100,7 @@ impl Phase {
         match self {
             Phase::Starting => "starting",
             Phase::Ready => "ready",
+            Phase::Unready => "unready",
             Phase::Draining { .. } => "draining",
             Phase::Drained => "drained",
             Phase::Stopping => "stopping",
@@ -117,6 +130,8 @@ impl fmt::Display for Phase {
 pub struct State {
     pub phase: Phase,
     pub drain_started: Option<Instant>,
+    /// When the app last became ready (the start-up gate's timeout counts from it).
+    pub ready_since: Option<Instant>,
 }
 
 /// The writer's side: applies events, logs each transition, publishes the state.
@@ -130,6 +145,7 @@ impl Default for Lifecycle {
             state: watch::Sender::new(State {
                 phase: Phase::Starting,
                 drain_started: None,
+                ready_since: None,
             }),
         }
     }
@@ -159,13 +175,18 @@ impl Lifecycle {
         let Some(to) = from.next(event) else {
             return false;
         };
-        let drain_started = match event {
-            Event::DrainStarted(_) => Some(Instant::now()),
-            _ => self.drain_started(),
-        };
+        let before = *self.state.borrow();
+        let now = Instant::now();
         self.state.send_replace(State {
             phase: to,
-            drain_started,
+            drain_started: match event {
+                Event::DrainStarted(_) => Some(now),
+                _ => before.drain_started,
+            },
+            ready_since: match to {
+                Phase::Ready => Some(now),
+                _ => before.ready_since,
+            },
         });
         info!(
             from = from.name(),
@@ -187,7 +208,7 @@ mod tests {
     fn sigterm_rollout_path() {
         let mut phase = Phase::Starting;
         for (event, expected) in [
-            (AppStarted, Phase::Ready),
+            (AppReady, Phase::Ready),
             (DrainStarted(Sigterm), Phase::Draining { trigger: Sigterm }),
             (StopSignalSent, Phase::Stopping),
             (AppExited { code: 0 }, Phase::Exited { code: 0 }),
@@ -213,7 +234,7 @@ mod tests {
         assert_eq!(Phase::Stopping.next(DrainStarted(Sigterm)), None);
         let exited = Phase::Exited { code: 3 };
         for event in [
-            AppStarted,
+            AppReady,
             DrainStarted(Sigterm),
             DrainOver,
             StopSignalSent,
@@ -240,6 +261,28 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_app_check_takes_the_app_out_and_back() {
+        let unready = Phase::Ready.next(AppUnready).unwrap();
+        assert_eq!(unready, Phase::Unready);
+        assert!(!unready.is_ready() && unready.is_alive() && !unready.drain_has_started());
+        assert_eq!(unready.next(AppReady), Some(Phase::Ready));
+        assert_eq!(
+            unready.next(DrainStarted(Sigterm)),
+            Some(Phase::Draining { trigger: Sigterm })
+        );
+        assert_eq!(
+            Phase::Starting.next(AppUnready),
+            None,
+            "not ready yet is not unready"
+        );
+        assert_eq!(
+            Phase::Draining { trigger: Sigterm }.next(AppReady),
+            None,
+            "a drain is final"
+        );
+    }
+
+    #[test]
     fn probes_follow_the_phase() {
         assert!(Phase::Ready.is_ready());
         for phase in [
@@ -259,7 +302,7 @@ mod tests {
     fn the_writer_records_the_drain_start_once() {
         let mut lifecycle = Lifecycle::default();
         let reader = lifecycle.subscribe();
-        assert!(lifecycle.apply(AppStarted));
+        assert!(lifecycle.apply(AppReady));
         assert!(lifecycle.drain_started().is_none());
         assert!(lifecycle.apply(DrainStarted(Sigterm)));
         let started = lifecycle.drain_started().unwrap();

@@ -4,9 +4,13 @@
 //! Nothing else in drainit waits on a child. A second waiter (say `Child::wait()` on the app)
 //! races this one, and the loser gets ECHILD: the app's exit status would be lost.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use nix::errno::Errno;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{self, Pid};
+use tokio::sync::oneshot;
 use tracing::{debug, info, warn};
 
 use crate::exit;
@@ -21,6 +25,38 @@ pub struct Reaped {
 #[derive(Debug, Default)]
 pub struct Reaper {
     orphans_reaped: u64,
+    waiters: Waiters,
+}
+
+/// Processes drainit started besides the app (`--ready-exec` checks) whose exit codes someone
+/// awaits: the reaper hands each code over instead of waiting twice.
+#[derive(Debug, Clone, Default)]
+pub struct Waiters(Arc<Mutex<HashMap<Pid, oneshot::Sender<u8>>>>);
+
+impl Waiters {
+    /// Registers `pid` for its exit code. Call it right after spawning, before any `.await`: on
+    /// drainit's single-threaded runtime the reaper cannot run in between.
+    pub fn wait_for(&self, pid: Pid) -> oneshot::Receiver<u8> {
+        let (tx, rx) = oneshot::channel();
+        self.lock().insert(pid, tx);
+        rx
+    }
+
+    fn deliver(&self, reaped: Reaped) -> bool {
+        match self.lock().remove(&reaped.pid) {
+            Some(waiter) => {
+                let _ = waiter.send(reaped.code);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Pid, oneshot::Sender<u8>>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 impl Reaper {
@@ -42,7 +78,7 @@ impl Reaper {
         while let Some(reaped) = reap_one() {
             if reaped.pid == app {
                 app_exit = Some(reaped);
-            } else {
+            } else if !self.waiters.deliver(reaped) {
                 self.orphans_reaped += 1;
                 debug!(
                     pid = reaped.pid.as_raw(),
@@ -56,6 +92,11 @@ impl Reaper {
 
     pub fn orphans_reaped(&self) -> u64 {
         self.orphans_reaped
+    }
+
+    /// Where other tasks register the processes they wait for.
+    pub fn waiters(&self) -> Waiters {
+        self.waiters.clone()
     }
 }
 

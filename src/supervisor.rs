@@ -13,12 +13,22 @@ use tracing::{info, warn};
 
 use crate::app::App;
 use crate::budget::Budget;
+use crate::config::RunConfig;
 use crate::drain::{DrainEnd, DrainPolicy, Observers, PRESTOP_HANDOFF, traffic};
 use crate::lifecycle::{DrainTrigger, Event, Lifecycle, Phase};
 use crate::reaper::Reaper;
 use crate::signals::{self, Meaning};
 
 type DrainFuture = Pin<Box<dyn Future<Output = DrainEnd>>>;
+
+/// What the supervisor reacts to, besides its own timers.
+pub struct Inputs {
+    pub signals: Signals,
+    /// `drainit prestop` asked for the drain.
+    pub drain_requests: mpsc::Receiver<()>,
+    /// The app check's verdicts: `AppReady` and `AppUnready`.
+    pub readiness: mpsc::Receiver<Event>,
+}
 
 pub struct Supervisor {
     app: App,
@@ -42,19 +52,18 @@ impl Supervisor {
     pub fn new(
         app: App,
         lifecycle: Lifecycle,
-        drain_policy: DrainPolicy,
+        reaper: Reaper,
         observers: Observers,
-        budget: Budget,
-        stop_signal: Signal,
+        config: &RunConfig,
     ) -> Self {
         Self {
             app,
             lifecycle,
-            reaper: Reaper::default(),
-            drain_policy,
+            reaper,
+            drain_policy: config.drain.clone(),
             observers,
-            budget,
-            stop_signal,
+            budget: config.budget,
+            stop_signal: config.stop_signal,
             drain: None,
             sigterm_during_prestop: false,
             handoff_deadline: None,
@@ -63,7 +72,12 @@ impl Supervisor {
     }
 
     /// Runs until the app has exited; returns drainit's exit code (the app's).
-    pub async fn run(mut self, mut signals: Signals, mut drain_requests: mpsc::Receiver<()>) -> u8 {
+    pub async fn run(mut self, inputs: Inputs) -> u8 {
+        let Inputs {
+            mut signals,
+            mut drain_requests,
+            mut readiness,
+        } = inputs;
         loop {
             if let Phase::Exited { code } = self.lifecycle.phase() {
                 return code;
@@ -76,6 +90,9 @@ impl Supervisor {
                 () = at(self.kill_deadline) => self.on_budget_spent(),
                 () = at(self.handoff_deadline) => self.on_handoff_timeout(),
                 Some(()) = drain_requests.recv() => self.start_drain(DrainTrigger::Prestop),
+                Some(event) = readiness.recv() => {
+                    self.lifecycle.apply(event);
+                }
             }
         }
     }
@@ -101,7 +118,9 @@ impl Supervisor {
 
     fn on_sigterm(&mut self) {
         match self.lifecycle.phase() {
-            Phase::Starting | Phase::Ready => self.start_drain(DrainTrigger::Sigterm),
+            Phase::Starting | Phase::Ready | Phase::Unready => {
+                self.start_drain(DrainTrigger::Sigterm)
+            }
             Phase::Draining {
                 trigger: DrainTrigger::Prestop,
             } => {

@@ -178,9 +178,22 @@ fn status_shows_each_checker_and_the_policy() {
     );
     let _lb = Checker::start(&drainit, "HAProxy", Duration::from_millis(100), false);
     thread::sleep(Duration::from_millis(500));
-    let (code, response) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
-    assert_eq!(code, 200);
-    let status = json(response.split("\r\n\r\n").nth(1).unwrap().trim());
+    let status = || {
+        let (code, response) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
+        assert_eq!(code, 200);
+        json(response.split("\r\n\r\n").nth(1).unwrap().trim())
+    };
+    let ports_found = common::time_until(SECS(5), || {
+        status()["traffic"]["ports"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    });
+    assert!(
+        ports_found.is_some(),
+        "the app's port was never discovered: {}",
+        status()
+    );
+    let status = status();
     assert_eq!(status["phase"], "ready");
     assert_eq!(
         status["drain_policy"]["watch"],
@@ -193,11 +206,5 @@ fn status_shows_each_checker_and_the_policy() {
         .expect("the checker is listed");
     assert!(lb["probes"].as_u64().unwrap() >= 3, "{lb}");
     assert!(lb["interval_ms"].as_u64().is_some(), "{lb}");
-    assert!(
-        status["traffic"]["ports"]
-            .as_array()
-            .is_some_and(|p| !p.is_empty()),
-        "app port discovered: {status}"
-    );
     drainit.signal(Signal::SIGINT);
 }

@@ -39,6 +39,8 @@ struct Checker {
     interval: Option<Duration>,
     /// Consecutive 503s it received since the drain began.
     failures_since_drain: u32,
+    /// Consecutive 200s it received (the start-up gate waits for these).
+    successes: u32,
 }
 
 /// Where one load balancer stands in the drain.
@@ -66,6 +68,7 @@ impl Checkers {
             probes: 0,
             interval: None,
             failures_since_drain: 0,
+            successes: 0,
         });
         if checker.probes > 0 {
             let gap = at.saturating_duration_since(checker.last_seen);
@@ -77,6 +80,7 @@ impl Checkers {
         }
         checker.probes += 1;
         checker.last_seen = at;
+        checker.successes = if ready { checker.successes + 1 } else { 0 };
         checker.failures_since_drain = match (ready, draining) {
             (false, true) => checker.failures_since_drain + 1,
             _ => 0,
@@ -109,6 +113,13 @@ impl Checkers {
     pub fn drained(&self, now: Instant, drain_started: Instant, threshold: u32) -> bool {
         self.load_balancers(drain_started)
             .all(|(_, c)| Self::state(c, now, threshold) != CheckerState::Pending)
+    }
+
+    /// Start-up: whether load balancers have taken the pod into rotation, as of `now`: at least
+    /// one is checking, and every one seen in the last minute has had `needed` consecutive 200s.
+    pub fn all_healthy(&self, now: Instant, needed: u32) -> bool {
+        let mut recent = self.load_balancers(now).peekable();
+        recent.peek().is_some() && recent.all(|(_, c)| c.successes >= needed)
     }
 
     /// How many load balancers were checking around the drain.
@@ -148,6 +159,7 @@ impl Checkers {
                     "interval_ms": c.interval.map(|i| i.as_millis() as u64),
                     "last_seen_ms_ago": now.saturating_duration_since(c.last_seen).as_millis() as u64,
                     "failures_since_drain": c.failures_since_drain,
+                    "consecutive_ready": c.successes,
                     "state": state,
                 })
             })
@@ -273,6 +285,29 @@ mod tests {
         let drain = t0 + MS(120_000);
         assert_eq!(checkers.load_balancer_count(drain), 0);
         assert!(checkers.drained(drain, drain, 2));
+    }
+
+    #[test]
+    fn start_up_waits_for_every_load_balancer_to_see_enough_200s() {
+        let t0 = Instant::now();
+        let (a, b) = (id("10.0.0.1", "HAProxy"), id("10.0.0.2", "HAProxy"));
+        let mut checkers = Checkers::default();
+        assert!(
+            !checkers.all_healthy(t0, 2),
+            "no load balancer checking yet"
+        );
+        checkers.record(id("10.0.0.9", "kube-probe/1.31"), t0, true, false);
+        assert!(
+            !checkers.all_healthy(t0, 2),
+            "the kubelet is no load balancer"
+        );
+        checkers.record(a.clone(), t0, true, false);
+        checkers.record(b.clone(), t0, false, false);
+        checkers.record(a.clone(), t0 + MS(1000), true, false);
+        assert!(!checkers.all_healthy(t0 + MS(1000), 2), "b has no 200 yet");
+        checkers.record(b.clone(), t0 + MS(1000), true, false);
+        checkers.record(b.clone(), t0 + MS(2000), true, false);
+        assert!(checkers.all_healthy(t0 + MS(2000), 2));
     }
 
     #[test]

@@ -307,7 +307,8 @@ const DURING_DRAIN: Cadence = Cadence {
     sockets: Duration::from_millis(500),
 };
 /// Finding the app's ports reads every file descriptor of its processes (about 8 us each).
-const DISCOVER_PORTS: Duration = Duration::from_secs(2);
+/// Until the app listens somewhere, look often: it is just starting and has few descriptors.
+const DISCOVER_PORTS: Duration = Duration::from_millis(500);
 const REDISCOVER_PORTS: Duration = Duration::from_secs(30);
 
 fn is_due(last: Option<Instant>, every: Duration) -> bool {

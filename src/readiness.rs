@@ -1,0 +1,409 @@
+//! The app's own readiness: an HTTP, TCP or exec check on its own schedule, `--min-ready`, and
+//! the start-up gate that holds the kubelet back until the load balancers use the pod.
+//!
+//! Checks never run inside a probe request: `/ready` answers from the lifecycle, which this task
+//! moves through `AppReady`/`AppUnready` events, so a hung check cannot make a probe time out.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::Uri;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::drain::lb_probes::Checkers;
+use crate::exit::StartupError;
+use crate::lifecycle::{Event, State};
+use crate::reaper::Waiters;
+
+/// How the app says it is ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppCheck {
+    /// GET this URL; any 2xx is ready.
+    Http(Uri),
+    /// A TCP connection to HOST:PORT succeeds.
+    Tcp(String),
+    /// This command (argv, no shell) exits 0.
+    Exec(Vec<OsString>),
+}
+
+impl AppCheck {
+    pub fn http(url: &str) -> Result<Self, StartupError> {
+        let bad = |why: &str| {
+            StartupError::usage(format!(
+                "invalid --ready-http '{url}': {why} (e.g. http://127.0.0.1:8080/healthz)"
+            ))
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(_) => {
+                return Err(bad(
+                    "only http:// is supported: check the app on its plain-HTTP port",
+                ));
+            }
+            None => return Err(bad("give the scheme and host")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        Ok(AppCheck::Http(uri))
+    }
+
+    pub fn tcp(target: &str) -> Result<Self, StartupError> {
+        let valid = target
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !valid {
+            return Err(StartupError::usage(format!(
+                "invalid --ready-tcp '{target}': expected HOST:PORT, e.g. 127.0.0.1:5432"
+            )));
+        }
+        Ok(AppCheck::Tcp(target.to_owned()))
+    }
+
+    /// Split like a shell would split words, but never run by a shell.
+    pub fn exec(command: &str) -> Result<Self, StartupError> {
+        let words = shell_words::split(command)
+            .map_err(|e| StartupError::usage(format!("invalid --ready-exec '{command}': {e}")))?;
+        if words.is_empty() {
+            return Err(StartupError::usage(
+                "--ready-exec is empty: give the check command, e.g. --ready-exec '/app/check --ready'",
+            ));
+        }
+        Ok(AppCheck::Exec(
+            words.into_iter().map(OsString::from).collect(),
+        ))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AppCheck::Http(_) => "http",
+            AppCheck::Tcp(_) => "tcp",
+            AppCheck::Exec(_) => "exec",
+        }
+    }
+
+    /// Runs the check once, within `timeout`.
+    async fn run(&self, timeout: Duration, waiters: &Waiters) -> Outcome {
+        let started = Instant::now();
+        let result = match self {
+            AppCheck::Http(uri) => tokio::time::timeout(timeout, http_get(uri)).await,
+            AppCheck::Tcp(target) => {
+                tokio::time::timeout(timeout, async {
+                    TcpStream::connect(target.as_str())
+                        .await
+                        .map(drop)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+            }
+            AppCheck::Exec(argv) => exec(argv, timeout, waiters).await,
+        };
+        let (verdict, detail) = match result {
+            Ok(Ok(())) => (Verdict::Pass, String::new()),
+            Ok(Err(why)) => (Verdict::Fail, why),
+            Err(_) => (Verdict::Timeout, format!("no answer within {timeout:?}")),
+        };
+        Outcome {
+            verdict,
+            detail,
+            duration: started.elapsed(),
+            at: Instant::now(),
+        }
+    }
+}
+
+impl fmt::Display for AppCheck {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AppCheck::Http(uri) => write!(f, "{uri}"),
+            AppCheck::Tcp(target) => f.write_str(target),
+            AppCheck::Exec(argv) => {
+                let words: Vec<_> = argv.iter().map(|w| w.to_string_lossy()).collect();
+                f.write_str(&words.join(" "))
+            }
+        }
+    }
+}
+
+async fn http_get(uri: &Uri) -> Result<(), String> {
+    let host = uri.host().unwrap_or_default();
+    let port = uri.port_u16().unwrap_or(80);
+    let stream = TcpStream::connect((host.trim_matches(['[', ']']), port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(connection);
+    let authority = uri
+        .authority()
+        .map_or_else(|| host.to_owned(), ToString::to_string);
+    let request = hyper::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
+        .header(hyper::header::HOST, authority)
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("drainit/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    match response.status() {
+        status if status.is_success() => Ok(()),
+        status => Err(format!("HTTP {status}")),
+    }
+}
+
+/// Runs the command in its own process group (a timeout kills all it started) and awaits its
+/// exit code from the reaper.
+async fn exec(
+    argv: &[OsString],
+    timeout: Duration,
+    waiters: &Waiters,
+) -> Result<Result<(), String>, tokio::time::error::Elapsed> {
+    let spawned = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .process_group(0)
+        .spawn();
+    let child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            return Ok(Err(format!(
+                "cannot run {}: {e}",
+                argv[0].to_string_lossy()
+            )));
+        }
+    };
+    let pid = Pid::from_raw(child.id() as i32);
+    // Registered before any await: the reaper cannot have collected it yet.
+    let exited = waiters.wait_for(pid);
+    drop(child);
+    match tokio::time::timeout(timeout, exited).await {
+        Ok(Ok(0)) => Ok(Ok(())),
+        Ok(Ok(code)) => Ok(Err(format!("exit code {code}"))),
+        Ok(Err(_)) => Ok(Err("its exit status was lost".into())),
+        Err(elapsed) => {
+            let _ = killpg(pid, Signal::SIGKILL);
+            Err(elapsed)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Fail,
+    Timeout,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Fail => "fail",
+            Verdict::Timeout => "timeout",
+        }
+    }
+}
+
+/// One check's result.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub verdict: Verdict,
+    pub detail: String,
+    pub duration: Duration,
+    pub at: Instant,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadinessConfig {
+    pub check: Option<AppCheck>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub min_ready: Duration,
+}
+
+/// `--ready-after-lb-probes`: the kubelet is told "not ready" until the load balancers checking
+/// `/ready` have each seen it healthy `probes` times in a row (they are told the truth at once),
+/// so a rollout does not stop an old pod before the load balancers use the new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartupGate {
+    pub probes: u32,
+    /// After this long ready, the gate opens anyway (with a warning).
+    pub timeout: Duration,
+}
+
+/// Whether the gate lets the kubelet see the pod ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateState {
+    Waiting,
+    Open,
+    /// Opened by the timeout: no load balancer confirmed.
+    TimedOut,
+}
+
+impl StartupGate {
+    pub fn state(
+        &self,
+        checkers: &Checkers,
+        ready_since: Option<Instant>,
+        now: Instant,
+    ) -> GateState {
+        if checkers.all_healthy(now, self.probes) {
+            GateState::Open
+        } else if ready_since
+            .is_some_and(|since| now.saturating_duration_since(since) >= self.timeout)
+        {
+            GateState::TimedOut
+        } else {
+            GateState::Waiting
+        }
+    }
+}
+
+/// The last check and since when the check has passed without a break, for `/status`.
+#[derive(Debug, Default)]
+pub struct CheckLog {
+    pub last: Option<Outcome>,
+    pub passing_since: Option<Instant>,
+}
+
+pub type SharedCheckLog = Arc<Mutex<CheckLog>>;
+
+pub fn lock(log: &SharedCheckLog) -> std::sync::MutexGuard<'_, CheckLog> {
+    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl CheckLog {
+    pub fn status(&self, config: &ReadinessConfig, now: Instant) -> Value {
+        let Some(check) = &config.check else {
+            return json!({ "kind": "none", "min_ready_ms": config.min_ready.as_millis() as u64 });
+        };
+        json!({
+            "kind": check.kind(),
+            "target": check.to_string(),
+            "interval_ms": config.interval.as_millis() as u64,
+            "min_ready_ms": config.min_ready.as_millis() as u64,
+            "passing_for_ms": self.passing_since.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            "last": self.last.as_ref().map(|o| json!({
+                "result": o.verdict.as_str(),
+                "detail": o.detail,
+                "duration_ms": o.duration.as_secs_f64() * 1000.0,
+                "ms_ago": now.saturating_duration_since(o.at).as_millis() as u64,
+            })),
+        })
+    }
+}
+
+/// Runs the app check until the drain starts, sending `AppReady` once it has passed for
+/// `--min-ready` and `AppUnready` when it fails after that. Without a check, the app is ready
+/// `--min-ready` after it started.
+pub async fn run(
+    config: ReadinessConfig,
+    log: SharedCheckLog,
+    waiters: Waiters,
+    events: mpsc::Sender<Event>,
+    mut state: watch::Receiver<State>,
+    on_check: impl Fn(&AppCheck, &Outcome),
+) {
+    let Some(check) = config.check.clone() else {
+        tokio::time::sleep(config.min_ready).await;
+        let _ = events.send(Event::AppReady).await;
+        return;
+    };
+    let mut ready = false;
+    loop {
+        if state.borrow_and_update().phase.drain_has_started() {
+            return;
+        }
+        let outcome = check.run(config.timeout, &waiters).await;
+        on_check(&check, &outcome);
+        let passing_since = {
+            let mut log = lock(&log);
+            let previous = log.last.as_ref().map(|o| o.verdict);
+            if previous != Some(outcome.verdict) {
+                report_change(&check, &outcome);
+            }
+            log.passing_since = match outcome.verdict {
+                Verdict::Pass => Some(log.passing_since.unwrap_or(outcome.at)),
+                _ => None,
+            };
+            log.last = Some(outcome);
+            log.passing_since
+        };
+        let now_ready = passing_since.is_some_and(|since| since.elapsed() >= config.min_ready);
+        if now_ready != ready {
+            ready = now_ready;
+            let event = if ready {
+                Event::AppReady
+            } else {
+                Event::AppUnready
+            };
+            let _ = events.send(event).await;
+        }
+        // The next check, or the moment --min-ready is reached, whichever comes first.
+        let until_min_ready = passing_since
+            .filter(|_| !ready)
+            .map(|since| config.min_ready.saturating_sub(since.elapsed()));
+        let pause = until_min_ready.map_or(config.interval, |d| d.min(config.interval));
+        let _ = tokio::time::timeout(pause, state.changed()).await;
+    }
+}
+
+fn report_change(check: &AppCheck, outcome: &Outcome) {
+    match outcome.verdict {
+        Verdict::Pass => {
+            info!(check = %check, duration_ms = outcome.duration.as_millis() as u64, "app check passes")
+        }
+        verdict => {
+            warn!(check = %check, result = verdict.as_str(), detail = outcome.detail, "app check fails")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_targets_are_validated() {
+        assert!(AppCheck::http("http://127.0.0.1:8080/healthz").is_ok());
+        assert!(AppCheck::http("http://[::1]:8080/").is_ok());
+        for bad in [
+            "https://x/",
+            "127.0.0.1:8080/healthz",
+            "http:///x",
+            "not a url",
+        ] {
+            assert!(AppCheck::http(bad).is_err(), "{bad}");
+        }
+        assert!(AppCheck::tcp("localhost:5432").is_ok());
+        for bad in ["localhost", ":80", "host:http", "host:99999"] {
+            assert!(AppCheck::tcp(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            AppCheck::exec("/app/check --name 'a b'").unwrap(),
+            AppCheck::Exec(vec!["/app/check".into(), "--name".into(), "a b".into()])
+        );
+        assert!(AppCheck::exec("  ").is_err());
+        assert!(AppCheck::exec("unterminated 'quote").is_err());
+    }
+}
