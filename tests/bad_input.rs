@@ -165,6 +165,42 @@ fn watched_drain_options_are_checked() {
 }
 
 #[test]
+fn readiness_options_are_checked() {
+    assert_refused(
+        &["--ready-http", "https://x/healthz"],
+        2,
+        "only http:// is supported",
+    );
+    assert_refused(
+        &["--ready-http", "localhost:8080/healthz"],
+        2,
+        "invalid --ready-http",
+    );
+    assert_refused(&["--ready-tcp", "localhost"], 2, "expected HOST:PORT");
+    assert_refused(
+        &["--ready-exec", "check 'unterminated"],
+        2,
+        "invalid --ready-exec",
+    );
+    assert_refused(
+        &["--ready-tcp", "a:1", "--ready-http", "http://a/"],
+        2,
+        "cannot be used with",
+    );
+    assert_refused(&["--ready-interval", "0"], 2, "busy loop");
+    assert_refused(
+        &["--ready-lb-timeout", "10s"],
+        2,
+        "add --ready-after-lb-probes",
+    );
+    assert_refused(
+        &["--ready-after-lb-probes", "0"],
+        2,
+        "--ready-after-lb-probes",
+    );
+}
+
+#[test]
 fn bad_environment_values_are_usage_errors_too() {
     let output = Command::new(drainit_bin())
         .env("DRAINIT_DRAIN_DELAY", "forever")

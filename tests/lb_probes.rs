@@ -3,53 +3,13 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Drainit, http_request, json};
+use common::{Checker, Drainit, http_request, json};
 use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
-
-/// Probes /ready every `every` with `agent` until told to stop (or, with `stop_on_drain`, as soon
-/// as it sees the first 503: a load balancer that removed the pod by other means).
-struct Checker {
-    running: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Checker {
-    fn start(drainit: &Drainit, agent: &'static str, every: Duration, stop_on_drain: bool) -> Self {
-        let running = Arc::new(AtomicBool::new(true));
-        let (addr, flag) = (drainit.health, running.clone());
-        let thread = thread::spawn(move || {
-            while flag.load(Ordering::Relaxed) {
-                let request = format!(
-                    "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
-                );
-                if http_request(addr, &request).0 == 503 && stop_on_drain {
-                    return;
-                }
-                thread::sleep(every);
-            }
-        });
-        Self {
-            running,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Checker {
-    fn drop(&mut self) {
-        self.running.store(false, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
 
 fn evidence(drainit: &mut Drainit) -> (String, serde_json::Value) {
     let over = drainit.log("drain over");

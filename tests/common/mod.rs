@@ -6,7 +6,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -361,5 +362,48 @@ pub fn is_running(pid: i32) -> bool {
             !matches!(state, Some('Z' | 'X'))
         }
         Err(_) => false,
+    }
+}
+
+/// Probes /ready every `every` with `agent` until told to stop (or, with `stop_on_drain`, as soon
+/// as it sees the first 503: a load balancer that removed the pod by other means).
+pub struct Checker {
+    running: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Checker {
+    pub fn start(
+        drainit: &Drainit,
+        agent: &'static str,
+        every: Duration,
+        stop_on_drain: bool,
+    ) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let (addr, flag) = (drainit.health, running.clone());
+        let thread = thread::spawn(move || {
+            while flag.load(Ordering::Relaxed) {
+                let request = format!(
+                    "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+                );
+                if http_request(addr, &request).0 == 503 && stop_on_drain {
+                    return;
+                }
+                thread::sleep(every);
+            }
+        });
+        Self {
+            running,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Checker {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }

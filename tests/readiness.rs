@@ -1,0 +1,260 @@
+//! The app's own readiness on the real binary, against real local servers: one that becomes
+//! ready late, one that flaps, one that hangs; an exec check; --min-ready; the start-up gate.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Checker, Drainit, http_request, time_until};
+use nix::sys::signal::Signal;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const MS: fn(u64) -> Duration = Duration::from_millis;
+
+/// A tiny HTTP health endpoint: 200 while `healthy`, else 500; with `hang`, it accepts and
+/// never answers.
+struct HealthServer {
+    addr: SocketAddr,
+    healthy: Arc<AtomicBool>,
+}
+
+impl HealthServer {
+    fn start(healthy: bool, hang: bool) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let flag = Arc::new(AtomicBool::new(healthy));
+        let state = flag.clone();
+        thread::spawn(move || {
+            let mut held = Vec::new();
+            for mut conn in listener.incoming().map_while(Result::ok) {
+                if hang {
+                    held.push(conn);
+                    continue;
+                }
+                let mut buf = [0u8; 1024];
+                let _ = conn.read(&mut buf);
+                let status = if state.load(Ordering::Relaxed) {
+                    "200 OK"
+                } else {
+                    "500 Oops"
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+            }
+        });
+        Self {
+            addr,
+            healthy: flag,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/healthz", self.addr)
+    }
+}
+
+fn ready(drainit: &Drainit) -> u16 {
+    drainit.get("/ready").0
+}
+
+#[test]
+fn an_app_that_becomes_ready_late_is_not_ready_until_then() {
+    // A port nobody listens on yet: the TCP check fails until the "app" binds it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let target = format!("127.0.0.1:{port}");
+    let mut drainit = Drainit::start(
+        &["--ready-tcp", &target, "--ready-interval", "200ms"],
+        &["sleep", "30"],
+    );
+    thread::sleep(MS(800));
+    assert_eq!(ready(&drainit), 503, "not ready before the app listens");
+    assert_eq!(drainit.get("/alive").0, 200);
+    let listener = TcpListener::bind(&target).unwrap();
+    let became_ready = time_until(SECS(3), || ready(&drainit) == 200);
+    assert!(
+        became_ready.is_some_and(|t| t < SECS(1)),
+        "ready {became_ready:?} after the app listened"
+    );
+    drainit.log("app check passes");
+    drop(listener);
+    drainit.signal(Signal::SIGINT);
+    drainit.wait(SECS(5));
+}
+
+#[test]
+fn a_flapping_app_check_takes_the_pod_out_and_back_in() {
+    let server = HealthServer::start(true, false);
+    let url = server.url();
+    let mut drainit = Drainit::start(
+        &["--ready-http", &url, "--ready-interval", "100ms"],
+        &["sleep", "30"],
+    );
+    assert!(
+        time_until(SECS(3), || ready(&drainit) == 200).is_some(),
+        "never ready"
+    );
+    server.healthy.store(false, Ordering::Relaxed);
+    assert!(
+        time_until(SECS(3), || ready(&drainit) == 503).is_some(),
+        "still ready with a failing check"
+    );
+    drainit.log("app check fails");
+    let (_, status) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
+    assert!(status.contains(r#""phase":"unready""#), "{status}");
+    assert!(
+        status.contains("HTTP 500"),
+        "the failure is explained: {status}"
+    );
+    server.healthy.store(true, Ordering::Relaxed);
+    assert!(
+        time_until(SECS(3), || ready(&drainit) == 200).is_some(),
+        "not ready again"
+    );
+    drainit.signal(Signal::SIGINT);
+    drainit.wait(SECS(5));
+}
+
+#[test]
+fn a_hanging_app_check_never_slows_a_probe() {
+    let server = HealthServer::start(true, true);
+    let url = server.url();
+    let drainit = Drainit::start(
+        &[
+            "--ready-http",
+            &url,
+            "--ready-interval",
+            "200ms",
+            "--ready-timeout",
+            "2s",
+        ],
+        &["sleep", "30"],
+    );
+    thread::sleep(MS(500));
+    let mut slowest = Duration::ZERO;
+    for _ in 0..100 {
+        let t = Instant::now();
+        assert_eq!(
+            ready(&drainit),
+            503,
+            "a check that never answers is not a pass"
+        );
+        slowest = slowest.max(t.elapsed());
+    }
+    // The release numbers are in the timeline report; this bound is for a loaded debug build.
+    assert!(
+        slowest < MS(100),
+        "a probe took {slowest:?} while the check hung"
+    );
+    drainit.signal(Signal::SIGINT);
+}
+
+#[test]
+fn an_exec_check_runs_without_a_shell_and_leaves_no_zombie() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ready");
+    let check = format!("test -e '{}'", marker.display());
+    let mut drainit = Drainit::start(
+        &["--ready-exec", &check, "--ready-interval", "100ms"],
+        &["sleep", "30"],
+    );
+    thread::sleep(MS(600));
+    assert_eq!(ready(&drainit), 503);
+    std::fs::write(&marker, "").unwrap();
+    assert!(
+        time_until(SECS(3), || ready(&drainit) == 200).is_some(),
+        "exec check never passed"
+    );
+    // Every check process was collected: drainit's only child is the app.
+    let children =
+        std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", drainit.pid())).unwrap();
+    assert_eq!(
+        children.split_whitespace().count(),
+        1,
+        "check processes left behind: {children}"
+    );
+    drainit.signal(Signal::SIGINT);
+    drainit.wait(SECS(5));
+}
+
+#[test]
+fn min_ready_waits_for_the_check_to_pass_that_long() {
+    let server = HealthServer::start(true, false);
+    let url = server.url();
+    let drainit = Drainit::start(
+        &[
+            "--ready-http",
+            &url,
+            "--ready-interval",
+            "100ms",
+            "--min-ready",
+            "1500ms",
+        ],
+        &["sleep", "30"],
+    );
+    let started = Instant::now();
+    let became_ready = time_until(SECS(5), || ready(&drainit) == 200).expect("never ready");
+    assert!(
+        started.elapsed() >= MS(1400),
+        "ready after {became_ready:?}, before --min-ready"
+    );
+    drainit.signal(Signal::SIGINT);
+}
+
+#[test]
+fn the_start_up_gate_holds_the_kubelet_until_the_load_balancer_saw_the_pod_healthy() {
+    let drainit = Drainit::start(
+        &["--ready-after-lb-probes", "3", "--ready-lb-timeout", "30s"],
+        &["sleep", "30"],
+    );
+    let kubelet = |d: &Drainit| {
+        http_request(d.health, "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n").0
+    };
+    assert_eq!(kubelet(&drainit), 503, "no load balancer has checked yet");
+    let lb_start = Instant::now();
+    let _lb = Checker::start(&drainit, "HAProxy", MS(300), false);
+    let open = time_until(SECS(5), || kubelet(&drainit) == 200).expect("the gate never opened");
+    // Three 200s, 300 ms apart: the third comes 0.6 s after the first.
+    assert!(
+        lb_start.elapsed() >= MS(550),
+        "opened after {open:?}, before the third healthy check"
+    );
+    // Latched: the kubelet's view does not flap with the load balancer's.
+    drop(_lb);
+    assert_eq!(kubelet(&drainit), 200);
+    drainit.signal(Signal::SIGINT);
+}
+
+#[test]
+fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
+    let mut drainit = Drainit::start(
+        &["--ready-after-lb-probes", "2", "--ready-lb-timeout", "1s"],
+        &["sleep", "30"],
+    );
+    let kubelet = |d: &Drainit| {
+        http_request(d.health, "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n").0
+    };
+    let started = Instant::now();
+    assert_eq!(kubelet(&drainit), 503);
+    assert!(
+        time_until(SECS(3), || kubelet(&drainit) == 200).is_some(),
+        "the gate never timed out"
+    );
+    assert!(
+        started.elapsed() >= MS(900),
+        "opened after {:?}",
+        started.elapsed()
+    );
+    drainit.log("start-up gate timed out");
+    drainit.signal(Signal::SIGINT);
+}
