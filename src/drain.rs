@@ -81,15 +81,29 @@ pub enum EndReason {
     Floor,
     /// `--drain-max` was reached first.
     Cap,
+    /// SIGINT or SIGQUIT cut it short.
+    Interrupted,
 }
 
 impl EndReason {
+    /// The `reason` label of the drain metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            EndReason::Delay => "delay",
+            EndReason::Watchers => "watchers",
+            EndReason::Floor => "floor",
+            EndReason::Cap => "cap",
+            EndReason::Interrupted => "interrupted",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EndReason::Delay => "drain delay elapsed",
             EndReason::Watchers => "watchers report drained",
             EndReason::Floor => "watchers drained before --drain-min: ended at the floor",
             EndReason::Cap => "--drain-max reached before the watchers reported drained",
+            EndReason::Interrupted => "cut short by SIGINT or SIGQUIT",
         }
     }
 }

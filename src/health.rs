@@ -23,10 +23,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use crate::drain::lb_probes::{CheckerId, Checkers};
+use crate::drain::lb_probes::{CheckerId, Checkers, KUBELET_AGENT};
 use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
+use crate::metrics::{self, Metrics};
 use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
 use crate::status;
 
@@ -66,6 +67,7 @@ pub struct Context {
     /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
     /// balancers' checks.
     pub gate_opened: AtomicBool,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -149,10 +151,51 @@ fn handle(
 ) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let reads = request.method() == Method::GET || request.method() == Method::HEAD;
-    if path == "/status" && reads {
-        let body = status::render(state, observers, context).to_string() + "\n";
-        return with_body(StatusCode::OK, "application/json", body);
+    let response = match path {
+        "/status" if reads => {
+            let body = status::render(state, observers, context).to_string() + "\n";
+            with_body(StatusCode::OK, "application/json", body)
+        }
+        "/metrics" if reads => with_body(
+            StatusCode::OK,
+            metrics::CONTENT_TYPE,
+            context.metrics.render(),
+        ),
+        _ => probe(request, peer, state, observers, context),
+    };
+    context.metrics.probe(
+        path,
+        response.status().as_u16(),
+        checker_kind(request, path),
+    );
+    response
+}
+
+/// For the probe metrics: who asked.
+fn checker_kind(request: &Request<Incoming>, path: &str) -> &'static str {
+    let agent = request
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match path {
+        _ if agent.starts_with(KUBELET_AGENT) => "kubelet",
+        "/ready" | "/alive" => "load_balancer",
+        _ => "other",
     }
+}
+
+/// `/alive` and `/ready` (and anything else: 404/405), with the start-up gate applied to the
+/// kubelet and every `/ready` check recorded for the `lb-probes` watcher.
+fn probe(
+    request: &Request<Incoming>,
+    peer: IpAddr,
+    state: State,
+    observers: &Observers,
+    context: &Context,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let reads = request.method() == Method::GET || request.method() == Method::HEAD;
     let agent = request
         .headers()
         .get(header::USER_AGENT)
@@ -201,7 +244,7 @@ fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Respon
         _ => {
             return plain(
                 StatusCode::NOT_FOUND,
-                "not found: try /alive, /ready or /status\n",
+                "not found: try /alive, /ready, /status or /metrics\n",
             );
         }
     };

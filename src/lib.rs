@@ -16,6 +16,7 @@ pub mod exit;
 pub mod health;
 pub mod lifecycle;
 pub mod logging;
+pub mod metrics;
 pub mod prestop;
 pub mod readiness;
 pub mod reaper;
@@ -25,6 +26,7 @@ pub mod supervisor;
 pub mod tcp;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -38,6 +40,7 @@ use crate::config::RunConfig;
 use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, Lifecycle};
+use crate::metrics::Metrics;
 use crate::readiness::SharedCheckLog;
 use crate::reaper::Reaper;
 use crate::supervisor::{Inputs, Supervisor};
@@ -103,8 +106,9 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let app = App::spawn(&config.command, config.forward_to_group)?;
     health::announce(&probes);
 
-    let mut lifecycle = Lifecycle::default();
-    let observers = observe_traffic(&config, app, &probes, &lifecycle);
+    let metrics = Arc::new(Metrics::new());
+    let mut lifecycle = Lifecycle::new(metrics.clone());
+    let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
     let check_log = SharedCheckLog::default();
     let (readiness_tx, readiness_rx) = mpsc::channel(8);
     if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
@@ -117,7 +121,12 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
             reaper.waiters(),
             readiness_tx,
             lifecycle.subscribe(),
-            |_, _| {},
+            {
+                let metrics = metrics.clone();
+                move |check, outcome| {
+                    metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
+                }
+            },
         ));
     }
     let (drain_tx, drain_rx) = mpsc::channel(8);
@@ -129,6 +138,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         check_log,
         startup_gate: config.startup_gate,
         gate_opened: AtomicBool::new(false),
+        metrics: metrics.clone(),
     };
     tokio::spawn(health::serve(
         probes,
@@ -138,7 +148,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     ));
     tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
-    let supervisor = Supervisor::new(app, lifecycle, reaper, observers, &config);
+    let supervisor = Supervisor::new(app, lifecycle, reaper, observers, &config, metrics);
     let inputs = Inputs {
         signals,
         drain_requests: drain_rx,
@@ -154,6 +164,7 @@ fn observe_traffic(
     app: App,
     probes: &TcpListener,
     lifecycle: &Lifecycle,
+    metrics: Arc<Metrics>,
 ) -> Observers {
     let observers = Observers::new(config.app_ports.clone());
     let own_port = probes.local_addr().map_or(0, |a| a.port());
@@ -164,6 +175,7 @@ fn observe_traffic(
         own_port,
         observers.own_accepts.clone(),
         lifecycle.subscribe(),
+        metrics,
     ));
     observers
 }

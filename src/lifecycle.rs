@@ -5,9 +5,12 @@
 //! supervisor decided.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
+
+use crate::metrics::Metrics;
 use tracing::info;
 
 /// What started the drain.
@@ -137,21 +140,22 @@ pub struct State {
 /// The writer's side: applies events, logs each transition, publishes the state.
 pub struct Lifecycle {
     state: watch::Sender<State>,
+    metrics: Arc<Metrics>,
 }
 
-impl Default for Lifecycle {
-    fn default() -> Self {
+impl Lifecycle {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        metrics.set_phase(Phase::Starting.name());
         Self {
             state: watch::Sender::new(State {
                 phase: Phase::Starting,
                 drain_started: None,
                 ready_since: None,
             }),
+            metrics,
         }
     }
-}
 
-impl Lifecycle {
     pub fn subscribe(&self) -> watch::Receiver<State> {
         self.state.subscribe()
     }
@@ -177,6 +181,7 @@ impl Lifecycle {
         };
         let before = *self.state.borrow();
         let now = Instant::now();
+        self.metrics.set_phase(to.name());
         self.state.send_replace(State {
             phase: to,
             drain_started: match event {
@@ -300,7 +305,7 @@ mod tests {
 
     #[test]
     fn the_writer_records_the_drain_start_once() {
-        let mut lifecycle = Lifecycle::default();
+        let mut lifecycle = Lifecycle::new(Arc::new(Metrics::new()));
         let reader = lifecycle.subscribe();
         assert!(lifecycle.apply(AppReady));
         assert!(lifecycle.drain_started().is_none());

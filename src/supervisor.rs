@@ -3,6 +3,7 @@
 
 use std::future::{Future, pending};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
@@ -14,8 +15,9 @@ use tracing::{info, warn};
 use crate::app::App;
 use crate::budget::Budget;
 use crate::config::RunConfig;
-use crate::drain::{DrainEnd, DrainPolicy, Observers, PRESTOP_HANDOFF, traffic};
+use crate::drain::{DrainEnd, DrainPolicy, EndReason, Observers, PRESTOP_HANDOFF, traffic};
 use crate::lifecycle::{DrainTrigger, Event, Lifecycle, Phase};
+use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::signals::{self, Meaning};
 
@@ -46,6 +48,9 @@ pub struct Supervisor {
     handoff_deadline: Option<Instant>,
     /// When the app's group gets SIGKILL.
     kill_deadline: Option<Instant>,
+    /// When the app was sent its stop signal, for the time it took to exit.
+    stop_sent: Option<Instant>,
+    metrics: Arc<Metrics>,
 }
 
 impl Supervisor {
@@ -55,6 +60,7 @@ impl Supervisor {
         reaper: Reaper,
         observers: Observers,
         config: &RunConfig,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             app,
@@ -68,6 +74,8 @@ impl Supervisor {
             sigterm_during_prestop: false,
             handoff_deadline: None,
             kill_deadline: None,
+            stop_sent: None,
+            metrics,
         }
     }
 
@@ -100,20 +108,27 @@ impl Supervisor {
     fn on_signal(&mut self, signal: i32) {
         match signals::meaning(signal) {
             Meaning::ChildExited => {
-                if let Some(exit) = self.reaper.reap(self.app.pid) {
+                let orphans_before = self.reaper.orphans_reaped();
+                let app_exit = self.reaper.reap(self.app.pid);
+                self.metrics
+                    .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
+                if let Some(exit) = app_exit {
                     self.on_app_exit(exit.code);
                 }
             }
             Meaning::Drain => self.on_sigterm(),
             Meaning::Interrupt(signal) => self.on_interrupt(signal),
             Meaning::Forward(signal) => {
-                info!(
-                    signal = signals::name(signal),
-                    "forwarding signal to the app"
-                );
-                self.app.forward(signal);
+                self.forward(signal);
             }
         }
+    }
+
+    fn forward(&mut self, signal: i32) {
+        let name = signals::name(signal);
+        info!(signal = name, "forwarding signal to the app");
+        self.metrics.signal_forwarded(&name);
+        self.app.forward(signal);
     }
 
     fn on_sigterm(&mut self) {
@@ -149,23 +164,24 @@ impl Supervisor {
 
     /// SIGINT and SIGQUIT are an operator's "now": they end a drain early and reach the app as is.
     fn on_interrupt(&mut self, signal: i32) {
-        let name = signals::name(signal);
-        if matches!(
-            self.lifecycle.phase(),
-            Phase::Draining { .. } | Phase::Drained
-        ) {
+        let phase = self.lifecycle.phase();
+        if matches!(phase, Phase::Draining { .. } | Phase::Drained) {
             info!(
-                signal = name,
+                signal = signals::name(signal),
                 elapsed_ms = self.elapsed_ms(),
                 "drain cut short: forwarding to the app now"
             );
-            self.drain = None;
+            if self.drain.take().is_some() {
+                let elapsed = self.lifecycle.drain_elapsed().unwrap_or_default();
+                self.metrics
+                    .drain_ended(EndReason::Interrupted.label(), elapsed);
+            }
             self.handoff_deadline = None;
-            self.app.forward(signal);
+            self.forward(signal);
+            self.stop_sent = Some(Instant::now());
             self.lifecycle.apply(Event::StopSignalSent);
         } else {
-            info!(signal = name, "forwarding signal to the app");
-            self.app.forward(signal);
+            self.forward(signal);
         }
     }
 
@@ -202,6 +218,7 @@ impl Supervisor {
             evidence = %end.report,
             "drain over"
         );
+        self.metrics.drain_ended(end.reason.label(), end.elapsed);
         self.lifecycle.apply(Event::DrainOver);
         if trigger == DrainTrigger::Sigterm || self.sigterm_during_prestop {
             self.stop_app();
@@ -230,6 +247,7 @@ impl Supervisor {
             "sending the stop signal to the app"
         );
         self.app.stop(self.stop_signal);
+        self.stop_sent = Some(Instant::now());
         self.lifecycle.apply(Event::StopSignalSent);
     }
 
@@ -246,9 +264,13 @@ impl Supervisor {
             "connections to the app still open when it was killed"
         );
         self.app.kill_group();
+        self.metrics.budget_kill();
     }
 
     fn on_app_exit(&mut self, code: u8) {
+        if let Some(stop_sent) = self.stop_sent {
+            self.metrics.app_stopped(stop_sent.elapsed());
+        }
         self.drain = None;
         self.kill_deadline = None;
         self.handoff_deadline = None;

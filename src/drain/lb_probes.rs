@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 /// The kubelet's User-Agent: its probes decide the pod's Ready condition, not a load balancer's
 /// rotation, so it is tracked apart and never waited for.
-const KUBELET_AGENT: &str = "kube-probe/";
+pub const KUBELET_AGENT: &str = "kube-probe/";
 /// A checker silent for this long before the drain began is gone, not waited for.
 const RECENT: Duration = Duration::from_secs(60);
 /// A checker whose gap since its last probe exceeds this many of its intervals has stopped

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::lifecycle::{Phase, State};
+use crate::metrics::Metrics;
 use crate::tcp::{self, Connection, TcpSampler};
 
 /// How far back the arrival rate before the drain is measured.
@@ -222,6 +223,7 @@ pub async fn monitor(
     own_port: u16,
     own_accepts: Arc<AtomicU64>,
     mut state: watch::Receiver<State>,
+    metrics: Arc<Metrics>,
 ) {
     let mut sampler = match TcpSampler::new() {
         Ok(sampler) => Some(sampler),
@@ -273,6 +275,7 @@ pub async fn monitor(
         let events = lock(&traffic).observe(observation, Instant::now());
         if events > 0 && matches!(current, Phase::Stopping) {
             lock(&traffic).late_events += u64::from(events);
+            metrics.late_arrivals(u64::from(events));
             warn!(
                 events,
                 "late arrival: requests reached the app after its stop signal (the drain ended too early)"

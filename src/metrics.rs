@@ -1,0 +1,757 @@
+//! Prometheus metrics for `GET /metrics`: the lifecycle, drains, the app's stop, probes, readiness
+//! checks, signals and reaping.
+//!
+//! One [`Metrics`] is built at start-up and shared as `Arc<Metrics>`; every method takes `&self`,
+//! is thread-safe and costs a few atomic operations (a labelled series takes a read lock, and a
+//! write lock the first time it appears).
+//!
+//! **Format.** [`Metrics::render`] returns the Prometheus text exposition format 0.0.4, served as
+//! [`CONTENT_TYPE`]. `prometheus-client` encodes OpenMetrics, which `promtool check metrics` and
+//! other 0.0.4 parsers misread: a counter's `# HELP`/`# TYPE` lines name the family (`foo`) while
+//! its samples are `foo_total`, and `info`/`stateset` are not 0.0.4 types. So the registry holds
+//! only counters, gauges and histograms, build info is the usual `drainit_build_info` gauge, and
+//! render() renames the counters' `# HELP`/`# TYPE` lines to their `_total` sample name. The text
+//! still ends with `# EOF`, which 0.0.4 parsers (Prometheus, promtool) read as a comment.
+//!
+//! **Label values.** Values that come from drainit's own code (`reason`, `state`, `signal`,
+//! `kind`, `result`) are recorded as given, so an unexpected one shows up rather than vanishing;
+//! `path` and `checker` depend on what clients send, so anything outside their known set is
+//! recorded as `other`, which keeps the number of series bounded. The encoder escapes `\`, `"` and
+//! newlines in label values.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::text::encode_registry;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Content-Type for [`Metrics::render`]'s output: the Prometheus text format.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The lifecycle states, as [`crate::lifecycle::Phase::name`] spells them.
+const STATES: [&str; 7] = [
+    "starting", "ready", "unready", "draining", "drained", "stopping", "exited",
+];
+/// What can end a drain; each has a series from start-up on, so `increase()` sees the first one.
+const DRAIN_REASONS: [&str; 5] = ["delay", "watchers", "floor", "cap", "interrupted"];
+const PROBE_PATHS: [&str; 4] = ["/alive", "/ready", "/status", "/metrics"];
+const CHECKERS: [&str; 3] = ["kubelet", "load_balancer", "other"];
+const CHECK_KINDS: [&str; 3] = ["http", "tcp", "exec"];
+const CHECK_RESULTS: [&str; 3] = ["pass", "fail", "timeout"];
+const SIGNALS: [&str; 12] = [
+    "SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGCONT", "SIGTSTP",
+    "SIGTTIN", "SIGTTOU", "SIGWINCH", "SIGALRM",
+];
+/// Anything outside a bounded label's known values.
+const OTHER: &str = "other";
+
+/// Drains last the drain delay (typically 5-30 s) or up to the watched drain's cap.
+const DRAIN_BUCKETS: [f64; 15] = [
+    0.5, 1.0, 2.5, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0, 180.0, 300.0,
+];
+/// From an app that exits at once to one that takes its whole grace period.
+const STOP_BUCKETS: [f64; 14] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+];
+/// From a local TCP connect to a slow exec check.
+const CHECK_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+type Label = Cow<'static, str>;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SignalLabels {
+    signal: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ProbeLabels {
+    path: Label,
+    code: u16,
+    checker: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    kind: Label,
+    result: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: Label,
+}
+
+/// drainit's metrics and the registry that renders them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// The state whose series is 1. Held while the state changes and while rendering, so a
+    /// scrape sees exactly one state at 1.
+    current_state: Mutex<Label>,
+    lifecycle_state: Family<StateLabels, Gauge>,
+    drain_duration: Histogram,
+    drains: Family<ReasonLabels, Counter>,
+    app_stop_duration: Histogram,
+    budget_kills: Counter,
+    signals_forwarded: Family<SignalLabels, Counter>,
+    zombies_reaped: Counter,
+    probe_requests: Family<ProbeLabels, Counter>,
+    app_checks: Family<CheckLabels, Counter>,
+    app_check_duration: Family<KindLabels, Histogram>,
+    late_arrivals: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; build info is set here (version = env!("CARGO_PKG_VERSION")).
+    /// The lifecycle starts in `starting`, as [`crate::lifecycle::Lifecycle`] does.
+    pub fn new() -> Self {
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: Cow::Borrowed(env!("CARGO_PKG_VERSION")),
+            })
+            .set(1);
+        let mut metrics = Self {
+            registry: Registry::default(),
+            current_state: Mutex::new(Cow::Borrowed(STATES[0])),
+            lifecycle_state: Family::default(),
+            drain_duration: Histogram::new(DRAIN_BUCKETS),
+            drains: Family::default(),
+            app_stop_duration: Histogram::new(STOP_BUCKETS),
+            budget_kills: Counter::default(),
+            signals_forwarded: Family::default(),
+            zombies_reaped: Counter::default(),
+            probe_requests: Family::default(),
+            app_checks: Family::default(),
+            app_check_duration: Family::new_with_constructor(|| Histogram::new(CHECK_BUCKETS)),
+            late_arrivals: Counter::default(),
+        };
+        for state in STATES {
+            let value = i64::from(state == STATES[0]);
+            metrics.state_gauge(Cow::Borrowed(state)).set(value);
+        }
+        for reason in DRAIN_REASONS {
+            let _ = metrics.drains.get_or_create(&ReasonLabels {
+                reason: Cow::Borrowed(reason),
+            });
+        }
+
+        let registry = &mut metrics.registry;
+        registry.register(
+            "drainit_build_info",
+            "drainit's version; always 1",
+            build_info,
+        );
+        registry.register(
+            "drainit_lifecycle_state",
+            "The pod's lifecycle state: 1 for the current state, 0 for the others",
+            metrics.lifecycle_state.clone(),
+        );
+        registry.register(
+            "drainit_drain_duration_seconds",
+            "How long drains took",
+            metrics.drain_duration.clone(),
+        );
+        registry.register(
+            "drainit_drains",
+            "Drains ended, by what ended them",
+            metrics.drains.clone(),
+        );
+        registry.register(
+            "drainit_app_stop_duration_seconds",
+            "Time from the stop signal to the app's exit",
+            metrics.app_stop_duration.clone(),
+        );
+        registry.register(
+            "drainit_budget_kills",
+            "Times the shutdown budget ran out and the app's process group was SIGKILLed",
+            metrics.budget_kills.clone(),
+        );
+        registry.register(
+            "drainit_signals_forwarded",
+            "Signals forwarded to the app",
+            metrics.signals_forwarded.clone(),
+        );
+        registry.register(
+            "drainit_zombies_reaped",
+            "Orphaned processes reaped, the app not included",
+            metrics.zombies_reaped.clone(),
+        );
+        registry.register(
+            "drainit_probe_requests",
+            "Probe requests answered, by path, status code and checker",
+            metrics.probe_requests.clone(),
+        );
+        registry.register(
+            "drainit_app_checks",
+            "App readiness checks run, by kind and result",
+            metrics.app_checks.clone(),
+        );
+        registry.register(
+            "drainit_app_check_duration_seconds",
+            "How long app readiness checks took",
+            metrics.app_check_duration.clone(),
+        );
+        registry.register(
+            "drainit_late_arrivals",
+            "Requests that reached the app after its stop signal",
+            metrics.late_arrivals.clone(),
+        );
+        metrics
+    }
+
+    /// Lifecycle state as a state-set gauge: `drainit_lifecycle_state{state="..."}` is 1 for the
+    /// current state and 0 for the others.
+    pub fn set_phase(&self, phase: &str) {
+        let mut current = self.lock_state();
+        if *current == phase {
+            return;
+        }
+        self.state_gauge(current.clone()).set(0);
+        let next = known_or_given(phase, &STATES);
+        self.state_gauge(next.clone()).set(1);
+        *current = next;
+    }
+
+    /// A drain ended: `drainit_drain_duration_seconds`, and `drainit_drains_total{reason}`.
+    pub fn drain_ended(&self, reason: &str, duration: Duration) {
+        self.drain_duration.observe(duration.as_secs_f64());
+        self.drains
+            .get_or_create(&ReasonLabels {
+                reason: known_or_given(reason, &DRAIN_REASONS),
+            })
+            .inc();
+    }
+
+    /// Time from the stop signal to the app's exit: `drainit_app_stop_duration_seconds`.
+    pub fn app_stopped(&self, since_stop_signal: Duration) {
+        self.app_stop_duration
+            .observe(since_stop_signal.as_secs_f64());
+    }
+
+    /// The shutdown budget ran out and the app's group was SIGKILLed: `drainit_budget_kills_total`.
+    pub fn budget_kill(&self) {
+        self.budget_kills.inc();
+    }
+
+    /// A signal forwarded to the app: `drainit_signals_forwarded_total{signal="SIGHUP"}`.
+    pub fn signal_forwarded(&self, signal: &str) {
+        self.signals_forwarded
+            .get_or_create(&SignalLabels {
+                signal: known_or_given(signal, &SIGNALS),
+            })
+            .inc();
+    }
+
+    /// Orphaned processes reaped (not the app): `drainit_zombies_reaped_total`.
+    pub fn zombies_reaped(&self, count: u64) {
+        self.zombies_reaped.inc_by(count);
+    }
+
+    /// A probe request answered: `drainit_probe_requests_total{path, code, checker}`. A path or
+    /// checker outside the known ones is recorded as `other`.
+    pub fn probe(&self, path: &str, code: u16, checker: &str) {
+        self.probe_requests
+            .get_or_create(&ProbeLabels {
+                path: known_or_other(path, &PROBE_PATHS),
+                code,
+                checker: known_or_other(checker, &CHECKERS),
+            })
+            .inc();
+    }
+
+    /// One app readiness check: `drainit_app_checks_total{kind, result}` and
+    /// `drainit_app_check_duration_seconds{kind}`.
+    pub fn app_check(&self, kind: &str, result: &str, duration: Duration) {
+        let kind = known_or_given(kind, &CHECK_KINDS);
+        self.app_check_duration
+            .get_or_create(&KindLabels { kind: kind.clone() })
+            .observe(duration.as_secs_f64());
+        self.app_checks
+            .get_or_create(&CheckLabels {
+                kind,
+                result: known_or_given(result, &CHECK_RESULTS),
+            })
+            .inc();
+    }
+
+    /// Requests that reached the app after its stop signal: `drainit_late_arrivals_total`.
+    pub fn late_arrivals(&self, count: u64) {
+        self.late_arrivals.inc_by(count);
+    }
+
+    /// The Prometheus text exposition (what GET /metrics returns), ending with `# EOF`; serve it
+    /// as [`CONTENT_TYPE`].
+    pub fn render(&self) -> String {
+        let mut openmetrics = String::with_capacity(8 * 1024);
+        {
+            let _state = self.lock_state();
+            // Writing to a String cannot fail, and every metric here encodes.
+            let _ = encode_registry(&mut openmetrics, &self.registry);
+        }
+        let mut text = to_prometheus_text(&openmetrics);
+        text.push_str("# EOF\n");
+        text
+    }
+
+    fn state_gauge(&self, state: Label) -> Gauge {
+        self.lifecycle_state
+            .get_or_create_owned(&StateLabels { state })
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, Label> {
+        self.current_state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The known value equal to `value` (no allocation), or `value` itself.
+fn known_or_given(value: &str, known: &[&'static str]) -> Label {
+    match known.iter().find(|k| **k == value) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(value.to_owned()),
+    }
+}
+
+/// The known value equal to `value`, or `other`.
+fn known_or_other(value: &str, known: &[&'static str]) -> Label {
+    Cow::Borrowed(known.iter().find(|k| **k == value).unwrap_or(&OTHER))
+}
+
+/// Turns `prometheus-client`'s OpenMetrics text (without its `# EOF`) into the Prometheus text
+/// format: a counter family `foo` has samples `foo_total`, and 0.0.4 parsers expect its `# HELP`
+/// and `# TYPE` lines to name `foo_total` too. Label values escape newlines, so every line that
+/// starts with `#` is a descriptor line.
+fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut text = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        let descriptor = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|kind| Some((kind, line.strip_prefix(kind)?)));
+        match descriptor {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                let _ = writeln!(text, "{kind}{name}{suffix} {tail}");
+            }
+            None if line.starts_with("# UNIT ") => {}
+            None => {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{ErrorKind, Write as _};
+    use std::process::{Command, Stdio};
+    use std::sync::Arc;
+
+    /// The value of the series written exactly as `series` (name and labels, in output order).
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().unwrap())
+        })
+    }
+
+    fn assert_value(text: &str, series: &str, expected: f64) {
+        assert_eq!(value(text, series), Some(expected), "{series} in:\n{text}");
+    }
+
+    fn states_at_one(text: &str) -> Vec<String> {
+        text.lines()
+            .filter(|line| line.starts_with("drainit_lifecycle_state{") && line.ends_with(" 1"))
+            .map(ToOwned::to_owned)
+            .collect()
+    }
+
+    /// Runs the real `promtool check metrics` on `text`, via stdin.
+    fn promtool_check(text: &str) {
+        let mut child = match Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+                "promtool not found: install the `prometheus` Debian package (apt-get install prometheus)"
+            ),
+            Err(e) => panic!("cannot run promtool: {e}"),
+        };
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "promtool check metrics failed ({}):\n{}{}\non:\n{text}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr),
+        );
+    }
+
+    fn exercised() -> Metrics {
+        let metrics = Metrics::new();
+        for phase in [
+            "ready", "unready", "ready", "draining", "drained", "stopping",
+        ] {
+            metrics.set_phase(phase);
+        }
+        metrics.drain_ended("delay", Duration::from_millis(15_003));
+        metrics.drain_ended("watchers", Duration::from_millis(400));
+        metrics.drain_ended("cap", Duration::from_secs(400));
+        metrics.app_stopped(Duration::from_millis(40));
+        metrics.budget_kill();
+        metrics.signal_forwarded("SIGHUP");
+        metrics.signal_forwarded("SIGHUP");
+        metrics.signal_forwarded("SIGTERM");
+        metrics.zombies_reaped(3);
+        metrics.zombies_reaped(2);
+        metrics.probe("/ready", 200, "kubelet");
+        metrics.probe("/ready", 503, "load_balancer");
+        metrics.probe("/ready", 503, "load_balancer");
+        metrics.probe("/alive", 200, "kubelet");
+        metrics.probe("/metrics", 200, "other");
+        metrics.app_check("http", "pass", Duration::from_millis(3));
+        metrics.app_check("http", "fail", Duration::from_millis(30));
+        metrics.app_check("tcp", "timeout", Duration::from_secs(2));
+        metrics.late_arrivals(4);
+        metrics
+    }
+
+    #[test]
+    fn every_method_shows_in_the_rendered_text() {
+        let text = exercised().render();
+        let version = env!("CARGO_PKG_VERSION");
+        assert_value(
+            &text,
+            &format!("drainit_build_info{{version=\"{version}\"}}"),
+            1.0,
+        );
+
+        assert_eq!(
+            states_at_one(&text),
+            ["drainit_lifecycle_state{state=\"stopping\"} 1"]
+        );
+        for state in STATES {
+            let expected = if state == "stopping" { 1.0 } else { 0.0 };
+            let series = format!("drainit_lifecycle_state{{state=\"{state}\"}}");
+            assert_value(&text, &series, expected);
+        }
+
+        assert_value(&text, "drainit_drains_total{reason=\"delay\"}", 1.0);
+        assert_value(&text, "drainit_drains_total{reason=\"watchers\"}", 1.0);
+        assert_value(&text, "drainit_drains_total{reason=\"cap\"}", 1.0);
+        assert_value(&text, "drainit_drains_total{reason=\"floor\"}", 0.0);
+        assert_value(&text, "drainit_drains_total{reason=\"interrupted\"}", 0.0);
+        assert_value(&text, "drainit_drain_duration_seconds_count", 3.0);
+        assert_value(&text, "drainit_drain_duration_seconds_sum", 415.403);
+        assert_value(
+            &text,
+            "drainit_drain_duration_seconds_bucket{le=\"0.5\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_drain_duration_seconds_bucket{le=\"15.0\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_drain_duration_seconds_bucket{le=\"20.0\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_drain_duration_seconds_bucket{le=\"300.0\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_drain_duration_seconds_bucket{le=\"+Inf\"}",
+            3.0,
+        );
+
+        assert_value(&text, "drainit_app_stop_duration_seconds_count", 1.0);
+        assert_value(&text, "drainit_app_stop_duration_seconds_sum", 0.04);
+        assert_value(
+            &text,
+            "drainit_app_stop_duration_seconds_bucket{le=\"0.025\"}",
+            0.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_stop_duration_seconds_bucket{le=\"0.05\"}",
+            1.0,
+        );
+        assert_value(&text, "drainit_budget_kills_total", 1.0);
+        assert_value(
+            &text,
+            "drainit_signals_forwarded_total{signal=\"SIGHUP\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_signals_forwarded_total{signal=\"SIGTERM\"}",
+            1.0,
+        );
+        assert_value(&text, "drainit_zombies_reaped_total", 5.0);
+
+        let probe = |path: &str, code: u16, checker: &str| {
+            format!(
+                "drainit_probe_requests_total{{path=\"{path}\",code=\"{code}\",checker=\"{checker}\"}}"
+            )
+        };
+        assert_value(&text, &probe("/ready", 200, "kubelet"), 1.0);
+        assert_value(&text, &probe("/ready", 503, "load_balancer"), 2.0);
+        assert_value(&text, &probe("/alive", 200, "kubelet"), 1.0);
+        assert_value(&text, &probe("/metrics", 200, "other"), 1.0);
+
+        assert_value(
+            &text,
+            "drainit_app_checks_total{kind=\"http\",result=\"pass\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_checks_total{kind=\"http\",result=\"fail\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_checks_total{kind=\"tcp\",result=\"timeout\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_check_duration_seconds_count{kind=\"http\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_check_duration_seconds_bucket{le=\"0.005\",kind=\"http\"}",
+            1.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_check_duration_seconds_bucket{le=\"0.05\",kind=\"http\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_check_duration_seconds_bucket{le=\"1.0\",kind=\"tcp\"}",
+            0.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_check_duration_seconds_bucket{le=\"2.5\",kind=\"tcp\"}",
+            1.0,
+        );
+        assert_value(&text, "drainit_late_arrivals_total", 4.0);
+    }
+
+    #[test]
+    fn the_text_is_the_prometheus_format_ending_with_eof() {
+        let text = exercised().render();
+        assert!(text.ends_with("\n# EOF\n"), "{text}");
+        assert!(CONTENT_TYPE.starts_with("text/plain; version=0.0.4"));
+        for counter in [
+            "drains",
+            "budget_kills",
+            "signals_forwarded",
+            "zombies_reaped",
+            "probe_requests",
+            "app_checks",
+            "late_arrivals",
+        ] {
+            let name = format!("drainit_{counter}_total");
+            assert!(
+                text.contains(&format!("\n# TYPE {name} counter\n")),
+                "{name}"
+            );
+            assert!(text.contains(&format!("\n# HELP {name} ")), "{name}");
+        }
+        assert!(text.starts_with("# HELP drainit_build_info "), "{text}");
+        assert!(text.contains("\n# TYPE drainit_build_info gauge\n"));
+        assert!(text.contains("\n# TYPE drainit_lifecycle_state gauge\n"));
+        for histogram in [
+            "drain_duration_seconds",
+            "app_stop_duration_seconds",
+            "app_check_duration_seconds",
+        ] {
+            let line = format!("\n# TYPE drainit_{histogram} histogram\n");
+            assert!(text.contains(&line), "{histogram}");
+        }
+        assert!(!text.contains("# UNIT"));
+        assert_eq!(text.matches("# EOF").count(), 1);
+    }
+
+    #[test]
+    fn promtool_accepts_the_rendered_text() {
+        promtool_check(&exercised().render());
+    }
+
+    /// Why render() rewrites the counters' descriptors: promtool reads the crate's own OpenMetrics
+    /// counters as untyped `_total` series without help text. This also shows that a text promtool
+    /// rejects fails the check.
+    #[test]
+    #[should_panic(expected = "promtool check metrics failed")]
+    fn promtool_rejects_the_crates_openmetrics_counters() {
+        let metrics = exercised();
+        let mut openmetrics = String::new();
+        prometheus_client::encoding::text::encode(&mut openmetrics, &metrics.registry).unwrap();
+        assert!(openmetrics.contains("\n# TYPE drainit_drains counter\n"));
+        promtool_check(&openmetrics);
+    }
+
+    #[test]
+    fn promtool_accepts_a_fresh_registry() {
+        let text = Metrics::new().render();
+        assert_eq!(
+            states_at_one(&text),
+            ["drainit_lifecycle_state{state=\"starting\"} 1"]
+        );
+        assert_value(&text, "drainit_drain_duration_seconds_count", 0.0);
+        assert_value(&text, "drainit_late_arrivals_total", 0.0);
+        assert!(!text.contains("drainit_probe_requests"));
+        promtool_check(&text);
+    }
+
+    #[test]
+    fn unknown_label_values_are_recorded_or_folded_into_other() {
+        let metrics = Metrics::new();
+        metrics.set_phase("reloading");
+        let odd = "weird \"quoted\" back\\slash\nnewline";
+        metrics.signal_forwarded(odd);
+        metrics.drain_ended("", Duration::ZERO);
+        metrics.probe("/etc/passwd", 404, "curl/8.5");
+        metrics.probe("/ready?x=1", 404, "");
+        metrics.app_check("grpc", "error", Duration::from_millis(1));
+        let text = metrics.render();
+
+        assert_eq!(
+            states_at_one(&text),
+            ["drainit_lifecycle_state{state=\"reloading\"} 1"]
+        );
+        assert_value(&text, "drainit_lifecycle_state{state=\"starting\"}", 0.0);
+        assert_value(
+            &text,
+            r#"drainit_signals_forwarded_total{signal="weird \"quoted\" back\\slash\nnewline"}"#,
+            1.0,
+        );
+        assert_value(&text, "drainit_drains_total{reason=\"\"}", 1.0);
+        assert_value(
+            &text,
+            "drainit_probe_requests_total{path=\"other\",code=\"404\",checker=\"other\"}",
+            2.0,
+        );
+        assert_value(
+            &text,
+            "drainit_app_checks_total{kind=\"grpc\",result=\"error\"}",
+            1.0,
+        );
+        promtool_check(&text);
+
+        metrics.set_phase("exited");
+        assert_eq!(
+            states_at_one(&metrics.render()),
+            ["drainit_lifecycle_state{state=\"exited\"} 1"]
+        );
+    }
+
+    #[test]
+    fn setting_the_same_phase_twice_keeps_it() {
+        let metrics = Metrics::new();
+        metrics.set_phase("ready");
+        metrics.set_phase("ready");
+        assert_eq!(
+            states_at_one(&metrics.render()),
+            ["drainit_lifecycle_state{state=\"ready\"} 1"]
+        );
+    }
+
+    #[test]
+    fn shared_between_threads_nothing_is_lost() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Metrics>();
+
+        let metrics = Arc::new(Metrics::new());
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let metrics = metrics.clone();
+                std::thread::spawn(move || {
+                    for n in 0..1000 {
+                        metrics.probe("/ready", 200, "kubelet");
+                        metrics.zombies_reaped(1);
+                        metrics.set_phase(STATES[(i + n) % STATES.len()]);
+                        if n % 100 == 0 {
+                            assert_eq!(states_at_one(&metrics.render()).len(), 1);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().unwrap();
+        }
+        let text = metrics.render();
+        assert_value(
+            &text,
+            "drainit_probe_requests_total{path=\"/ready\",code=\"200\",checker=\"kubelet\"}",
+            4000.0,
+        );
+        assert_value(&text, "drainit_zombies_reaped_total", 4000.0);
+        assert_eq!(states_at_one(&text).len(), 1);
+    }
+}
