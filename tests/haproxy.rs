@@ -12,29 +12,25 @@
 //! HAProxy is not optional: CI installs it (`apt-get install haproxy`), and a test that skipped
 //! itself without it would be a test that cannot fail.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::{self, JoinHandle};
+mod lb;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 
-const HAPROXY: &str = "/usr/sbin/haproxy";
+use lb::{
+    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Proc, SLOW,
+    demo_app_bin, drainit_bin, free_ports, opt_ms, unique_control,
+};
+
 /// Long enough for HAProxy to see two failed checks 500 ms apart, with room for a busy machine.
 const DRAIN_DELAY: &str = "2s";
 const GRACE_PERIOD: &str = "5s";
 /// One request through HAProxy every `LOAD_INTERVAL` (200 per second), on a new connection.
 const LOAD_INTERVAL: Duration = Duration::from_millis(5);
-/// HAProxy waits min(timeout connect, 1s) before retrying a refused connection, so a request that
-/// takes this long was retried at least once.
-const SLOW: Duration = Duration::from_millis(900);
 /// How long a replaced replica's address stays dead before its replacement listens there.
 ///
 /// In a real rolling restart the replacement comes up elsewhere and the old address never answers
@@ -59,6 +55,23 @@ impl Mode {
             Mode::Drainit => "with drainit",
             Mode::Bare => "without drainit",
         }
+    }
+
+    /// What HAProxy checks, and its servers: the replicas on 127.0.0.1.
+    fn backends(self, replicas: &[Ports]) -> (HealthCheck, Vec<Backend>) {
+        let check = match self {
+            Mode::Drainit => HealthCheck::DrainitReady,
+            Mode::Bare => HealthCheck::AppHealthz,
+        };
+        let backends = replicas
+            .iter()
+            .map(|p| Backend {
+                name: p.server.to_owned(),
+                app: SocketAddr::from(([127, 0, 0, 1], p.app)),
+                health_port: p.health,
+            })
+            .collect();
+        (check, backends)
     }
 }
 
@@ -136,12 +149,7 @@ struct Step {
 }
 
 fn rolling_restart(mode: Mode) -> Outcome {
-    let haproxy_bin = Path::new(HAPROXY);
-    assert!(
-        haproxy_bin.is_file(),
-        "HAProxy is not installed at {HAPROXY}: this end-to-end test needs it (Debian/Ubuntu: \
-         `apt-get install haproxy`; CI installs it). It fails rather than skips on purpose."
-    );
+    lb::haproxy_bin();
     let clock = Clock::new();
     let label = mode.label();
 
@@ -163,15 +171,26 @@ fn rolling_restart(mode: Mode) -> Outcome {
         .map(|ports| start_replica(mode, ports, &clock))
         .collect();
 
-    let haproxy = Haproxy::start(haproxy_bin, mode, frontend, &replicas, &clock);
+    let (check, backends) = mode.backends(&replicas);
+    let haproxy = Haproxy::start(check, frontend, &backends, &clock);
     for ports in &replicas {
-        haproxy.wait_until_up(ports.server, Duration::from_secs(15), &running);
+        haproxy.wait_until_up(ports.server, Duration::from_secs(15), || {
+            running
+                .iter()
+                .map(|r| format!("{}:\n{}", r.name, r.output()))
+                .collect::<Vec<_>>()
+                .join("\n")
+        });
     }
     clock.event(format!(
         "{label}: both servers UP in HAProxy, starting the load"
     ));
 
-    let load = Load::start(SocketAddr::from(([127, 0, 0, 1], frontend)), &clock);
+    let load = Load::start(
+        SocketAddr::from(([127, 0, 0, 1], frontend)),
+        Arrivals::Fixed(LOAD_INTERVAL),
+        &clock,
+    );
     thread::sleep(Duration::from_millis(700));
 
     let mut steps = Vec::new();
@@ -180,7 +199,11 @@ fn rolling_restart(mode: Mode) -> Outcome {
         // Let traffic spread over both replicas again before the next one goes.
         thread::sleep(Duration::from_millis(500));
     }
-    let (requests, failures, latency) = load.stop();
+    let LoadReport {
+        requests,
+        failures,
+        latency,
+    } = load.stop();
     clock.event(format!("{label}: load stopped"));
 
     let counters: Vec<(String, Counters)> = replicas
@@ -351,10 +374,6 @@ impl StatusWatch<'_> {
     }
 }
 
-fn opt_ms(d: Option<Duration>) -> String {
-    d.map_or_else(|| "never".to_owned(), |d| format!("{} ms", d.as_millis()))
-}
-
 // ---------------------------------------------------------------------------------------------
 // Replicas
 
@@ -362,36 +381,6 @@ struct Ports {
     server: &'static str,
     app: u16,
     health: u16,
-}
-
-fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-fn demo_app_bin() -> PathBuf {
-    let path = drainit_bin()
-        .parent()
-        .expect("drainit binary has a parent directory")
-        .join("examples")
-        .join("demo_app");
-    assert!(
-        path.is_file(),
-        "demo_app example not found at {}: a plain `cargo test` builds examples, but `cargo test \
-         --test haproxy` does not; build it first with `cargo build --example demo_app` (with \
-         --release for a release run)",
-        path.display()
-    );
-    path
-}
-
-/// A control socket name no other drainit on this machine uses.
-fn unique_control(server: &str) -> String {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "@drainit-e2e-{}-{server}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    )
 }
 
 /// Starts one replica and waits until its app listens (and, with drainit, its probe server).
@@ -456,537 +445,4 @@ fn start_replica(mode: Mode, ports: &Ports, clock: &Clock) -> Proc {
     }
     clock.event(format!("{} started (pid {})", name, proc.pid()));
     proc
-}
-
-// ---------------------------------------------------------------------------------------------
-// HAProxy
-
-struct Haproxy {
-    // Declared first so HAProxy is killed before its directory goes.
-    proc: Proc,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-/// Counters of one server, from `show stat`.
-#[derive(Debug)]
-struct Counters {
-    econ: u64,
-    eresp: u64,
-    wretr: u64,
-    hrsp_5xx: u64,
-    chkdown: u64,
-}
-
-impl Haproxy {
-    fn start(bin: &Path, mode: Mode, frontend: u16, replicas: &[Ports], clock: &Clock) -> Self {
-        let dir = tempfile::tempdir().expect("cannot create a temporary directory");
-        let socket = dir.path().join("admin.sock");
-        let check = match mode {
-            Mode::Drainit => "/ready",
-            Mode::Bare => "/healthz",
-        };
-        let mut servers = String::new();
-        for p in replicas {
-            let port = match mode {
-                Mode::Drainit => format!(" port {}", p.health),
-                Mode::Bare => String::new(),
-            };
-            servers.push_str(&format!(
-                "    server {} 127.0.0.1:{} check{port} inter 500ms fall 2 rise 2\n",
-                p.server, p.app
-            ));
-        }
-        let config = format!(
-            "global
-    stats socket {socket} level admin
-    log stderr format short local0 info
-
-defaults
-    mode http
-    log global
-    # Log the requests that go wrong, and every server state change.
-    option httplog
-    option dontlog-normal
-    # HAProxy's default, written out: a refused connection is retried on the same server (no
-    # option redispatch: like a real LB that has already routed the request).
-    retries 3
-    timeout connect 1s
-    timeout client 5s
-    timeout server 5s
-
-frontend fe
-    bind 127.0.0.1:{frontend}
-    default_backend be
-
-backend be
-    balance roundrobin
-    option httpchk GET {check}
-{servers}",
-            socket = socket.display()
-        );
-        let config_path = dir.path().join("haproxy.cfg");
-        std::fs::write(&config_path, &config).expect("cannot write the HAProxy configuration");
-
-        let check = Command::new(bin)
-            .arg("-c")
-            .arg("-f")
-            .arg(&config_path)
-            .output()
-            .expect("cannot run haproxy -c");
-        assert!(
-            check.status.success(),
-            "HAProxy rejects the configuration:\n{config}\n{}{}",
-            String::from_utf8_lossy(&check.stdout),
-            String::from_utf8_lossy(&check.stderr)
-        );
-
-        let proc = Proc::spawn(
-            "haproxy",
-            Command::new(bin).arg("-db").arg("-f").arg(&config_path),
-            Some(clock),
-        );
-        let haproxy = Haproxy {
-            proc,
-            socket,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while haproxy.try_command("show info").is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy did not come up within 10 s:\n{}",
-                haproxy.proc.output()
-            );
-            thread::sleep(Duration::from_millis(50));
-        }
-        clock.event(format!("HAProxy started (pid {})", haproxy.proc.pid()));
-        haproxy
-    }
-
-    fn try_command(&self, command: &str) -> std::io::Result<String> {
-        let mut stream = UnixStream::connect(&self.socket)?;
-        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-        stream.write_all(format!("{command}\n").as_bytes())?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer)
-    }
-
-    /// `show stat` for one server, by column name.
-    fn stat(&self, server: &str) -> HashMap<String, String> {
-        let answer = self
-            .try_command("show stat")
-            .unwrap_or_else(|e| panic!("HAProxy stats socket: {e}\n{}", self.proc.output()));
-        let mut lines = answer.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .and_then(|l| l.strip_prefix("# "))
-            .unwrap_or_else(|| panic!("unexpected `show stat` answer: {answer}"))
-            .split(',')
-            .collect();
-        lines
-            .map(|l| {
-                header
-                    .iter()
-                    .zip(l.split(','))
-                    .map(|(k, v)| ((*k).to_owned(), v.to_owned()))
-                    .collect::<HashMap<_, _>>()
-            })
-            .find(|row| {
-                row.get("pxname").map(String::as_str) == Some("be")
-                    && row.get("svname").map(String::as_str) == Some(server)
-            })
-            .unwrap_or_else(|| panic!("server {server} not in `show stat`: {answer}"))
-    }
-
-    /// "UP", "UP 1/2" (one check failed), "DOWN", "DOWN 1/2" (one check passed), ...
-    fn server_status(&self, server: &str) -> String {
-        self.stat(server)["status"].clone()
-    }
-
-    fn counters(&self, server: &str) -> Counters {
-        let row = self.stat(server);
-        let n = |k: &str| row.get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
-        Counters {
-            econ: n("econ"),
-            eresp: n("eresp"),
-            wretr: n("wretr"),
-            hrsp_5xx: n("hrsp_5xx"),
-            chkdown: n("chkdown"),
-        }
-    }
-
-    fn wait_until_up(&self, server: &str, timeout: Duration, replicas: &[Proc]) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let row = self.stat(server);
-            if row["status"] == "UP" && row["check_status"].starts_with("L7OK") {
-                return;
-            }
-            if Instant::now() > deadline {
-                let outputs: Vec<String> = replicas
-                    .iter()
-                    .map(|r| format!("{}:\n{}", r.name, r.output()))
-                    .collect();
-                panic!(
-                    "HAProxy did not mark {server} UP within {timeout:?} (status {}, check {}):\n\
-                     HAProxy:\n{}\n{}",
-                    row["status"],
-                    row["check_status"],
-                    self.proc.output(),
-                    outputs.join("\n")
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Load
-
-/// Open-loop load: a request every `LOAD_INTERVAL` whatever happened to the previous ones, each on
-/// its own short-lived thread. (Closed-loop clients would stall on the first request HAProxy
-/// holds for 3 s of retries and stop sending during exactly the outage the test measures.)
-struct Load {
-    stop: Arc<AtomicBool>,
-    dispatcher: Option<JoinHandle<()>>,
-    stats: Arc<LoadStats>,
-}
-
-impl Drop for Load {
-    /// A failed test stops its load too.
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-#[derive(Default)]
-struct LoadStats {
-    requests: AtomicU64,
-    slow: AtomicU64,
-    max_latency_us: AtomicU64,
-    failures: Mutex<Vec<(Duration, String)>>,
-}
-
-struct Latency {
-    max: Duration,
-    slow: u64,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clock: &Clock) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let stats = Arc::new(LoadStats::default());
-        let dispatcher = {
-            let (stop, stats, clock) = (stop.clone(), stats.clone(), clock.clone());
-            thread::spawn(move || {
-                let mut in_flight: Vec<JoinHandle<()>> = Vec::new();
-                let mut next = Instant::now();
-                while !stop.load(Ordering::Relaxed) {
-                    let (stats, clock) = (stats.clone(), clock.clone());
-                    let worker = thread::Builder::new()
-                        .stack_size(256 * 1024)
-                        .spawn(move || one_load_request(addr, &stats, &clock))
-                        .expect("cannot start a load thread");
-                    in_flight.push(worker);
-                    in_flight.retain(|t| !t.is_finished());
-                    // A fixed rate; after a stall (a busy machine), go on from now, no burst.
-                    next = (next + LOAD_INTERVAL).max(Instant::now());
-                    thread::sleep(next.saturating_duration_since(Instant::now()));
-                }
-                for worker in in_flight {
-                    worker.join().expect("a load thread panicked");
-                }
-            })
-        };
-        Load {
-            stop,
-            dispatcher: Some(dispatcher),
-            stats,
-        }
-    }
-
-    /// Stops sending and waits for the requests in flight.
-    fn stop(mut self) -> (u64, Vec<(Duration, String)>, Latency) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(dispatcher) = self.dispatcher.take() {
-            dispatcher.join().expect("the load dispatcher panicked");
-        }
-        let mut failures = std::mem::take(&mut *self.stats.failures.lock().unwrap());
-        failures.sort_by_key(|(at, _)| *at);
-        let latency = Latency {
-            max: Duration::from_micros(self.stats.max_latency_us.load(Ordering::Relaxed)),
-            slow: self.stats.slow.load(Ordering::Relaxed),
-        };
-        (
-            self.stats.requests.load(Ordering::Relaxed),
-            failures,
-            latency,
-        )
-    }
-}
-
-fn one_load_request(addr: SocketAddr, stats: &LoadStats, clock: &Clock) {
-    let started = Instant::now();
-    let result = request(addr);
-    let took = started.elapsed();
-    stats.requests.fetch_add(1, Ordering::Relaxed);
-    stats
-        .max_latency_us
-        .fetch_max(took.as_micros() as u64, Ordering::Relaxed);
-    if took >= SLOW {
-        stats.slow.fetch_add(1, Ordering::Relaxed);
-    }
-    if let Err(e) = result {
-        let at = clock.since_start(started);
-        let message = format!(
-            "{e} (sent at +{} ms, after {} ms)",
-            at.as_millis(),
-            took.as_millis()
-        );
-        clock.event_at(at, format!("request failed: {message}"));
-        stats.failures.lock().unwrap().push((at, message));
-    }
-}
-
-/// One `GET /` on a new connection; Ok only for a 200 from the demo app.
-fn request(addr: SocketAddr) -> Result<(), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect: {e}"))?;
-    // Longer than HAProxy's own timeouts, so that HAProxy reports its errors as status codes.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .and_then(|()| stream.set_write_timeout(Some(Duration::from_secs(2))))
-        .map_err(|e| format!("socket options: {e}"))?;
-    let _ = stream.set_nodelay(true);
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: e2e\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .map_err(|e| format!("read: {e} (got {} bytes)", response.len()))?;
-    let response = String::from_utf8_lossy(&response);
-    let status_line = response.lines().next().unwrap_or("");
-    if !status_line.starts_with("HTTP/1.1 200 ") {
-        let first = if status_line.is_empty() {
-            "empty response".to_owned()
-        } else {
-            status_line.to_owned()
-        };
-        return Err(format!(
-            "{first}: {:?}",
-            response.lines().last().unwrap_or("")
-        ));
-    }
-    if !response.contains("hello from ") {
-        return Err(format!("200 without the demo app's body: {response:?}"));
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------------
-// Processes, ports, time
-
-/// A child process with its stdout and stderr collected line by line; killed on drop, with the
-/// processes it started (drainit's app), so that nothing outlives a failed test.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    exited: Option<ExitStatus>,
-}
-
-impl Proc {
-    /// With `timeline`, every line also goes to the test's timeline (for HAProxy's log).
-    fn spawn(name: &str, command: &mut Command, timeline: Option<&Clock>) -> Self {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().expect("piped stdout");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let timeline = timeline.map(|clock| (clock.clone(), name.to_owned()));
-        collect_lines(stdout, lines.clone(), timeline.clone());
-        collect_lines(stderr, lines.clone(), timeline);
-        Proc {
-            name: name.to_owned(),
-            child,
-            lines,
-            exited: None,
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn try_exit(&mut self) -> Option<ExitStatus> {
-        if self.exited.is_none() {
-            self.exited = self.child.try_wait().expect("try_wait failed");
-        }
-        self.exited
-    }
-
-    /// The first line (so far or within `timeout`) that matches.
-    fn wait_line(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| matches(l)) {
-                return Some(line.clone());
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn output(&self) -> String {
-        let lines = self.lines.lock().unwrap();
-        let start = lines.len().saturating_sub(200);
-        lines[start..]
-            .iter()
-            .map(|l| format!("    | {l}\n"))
-            .collect()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if self.try_exit().is_some() {
-            return;
-        }
-        // drainit's app leads its own process group: kill that group first and let drainit reap
-        // it and exit (killing drainit first would leave the app to init, a zombie at best).
-        let children = children_of(self.pid());
-        for child in &children {
-            let _ = kill(Pid::from_raw(-child.as_raw()), Signal::SIGKILL);
-            let _ = kill(*child, Signal::SIGKILL);
-        }
-        if !children.is_empty() {
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while self.try_exit().is_none() && Instant::now() < deadline {
-                thread::sleep(Duration::from_millis(10));
-            }
-            if self.exited.is_some() {
-                return;
-            }
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn collect_lines(
-    pipe: impl Read + Send + 'static,
-    lines: Arc<Mutex<Vec<String>>>,
-    timeline: Option<(Clock, String)>,
-) {
-    thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            // HAProxy prints each state change twice: on stderr ("[WARNING] ...") and through
-            // its log ("<1>Server ..."); the timeline takes the log.
-            if let Some((clock, name)) = timeline.as_ref().filter(|_| line.starts_with('<')) {
-                clock.event(format!("{name}: {line}"));
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-}
-
-/// Direct children of `parent`, from /proc/*/stat.
-fn children_of(parent: Pid) -> Vec<Pid> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let after_comm = &stat[stat.rfind(')')? + 1..];
-            let ppid: i32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == parent.as_raw()).then(|| Pid::from_raw(pid))
-        })
-        .collect()
-}
-
-/// `N` distinct free ports on 127.0.0.1 (all bound at once, then released).
-fn free_ports<const N: usize>() -> [u16; N] {
-    let listeners: Vec<TcpListener> = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("cannot bind 127.0.0.1:0"))
-        .collect();
-    let ports: Vec<u16> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    ports.try_into().unwrap()
-}
-
-/// The test's clock and a timeline of what happened, for the report.
-#[derive(Clone)]
-struct Clock {
-    start: Instant,
-    events: Arc<Mutex<Vec<(Duration, String)>>>,
-}
-
-impl Clock {
-    fn new() -> Self {
-        Clock {
-            start: Instant::now(),
-            events: Arc::default(),
-        }
-    }
-
-    fn since_start(&self, at: Instant) -> Duration {
-        at.saturating_duration_since(self.start)
-    }
-
-    fn event(&self, what: String) {
-        self.event_at(self.start.elapsed(), what);
-    }
-
-    fn event_at(&self, at: Duration, what: String) {
-        self.events.lock().unwrap().push((at, what));
-    }
-
-    fn timeline(&self) -> Vec<String> {
-        let mut events = self.events.lock().unwrap().clone();
-        events.sort_by_key(|(at, _)| *at);
-        let mut lines = Vec::new();
-        let mut failures_in_a_row = 0;
-        for (at, what) in events {
-            // Keep the timeline readable when many requests fail in a burst.
-            if what.starts_with("request failed") || what.starts_with("haproxy: <6>") {
-                failures_in_a_row += 1;
-                if failures_in_a_row > 5 {
-                    continue;
-                }
-            } else {
-                if failures_in_a_row > 5 {
-                    lines.push(format!(
-                        "       ... {} more failed requests and their HAProxy logs",
-                        failures_in_a_row - 5
-                    ));
-                }
-                failures_in_a_row = 0;
-            }
-            lines.push(format!("{:>6} {what}", at.as_millis()));
-        }
-        if failures_in_a_row > 5 {
-            lines.push(format!(
-                "       ... {} more failed requests and their HAProxy logs",
-                failures_in_a_row - 5
-            ));
-        }
-        lines
-    }
 }

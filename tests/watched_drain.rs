@@ -1,0 +1,782 @@
+//! End to end: the watched drain (`--drain-watch traffic[,lb-probes]`) through a real HAProxy
+//! under load, in rolling restarts of two replicas.
+//!
+//! Each replica runs in a network namespace of its own, as in a pod: the `traffic` watcher counts
+//! the namespace's accepted connections (`/proc/net/snmp` PassiveOpens), which on a shared
+//! namespace would count HAProxy's own accepts and every other test's connections. HAProxy runs
+//! in the test's namespace and reaches each replica over a veth pair at 10.213.x.2; a replacement
+//! replica starts in the same namespace at the same address (HAProxy's configuration is static).
+//!
+//! The scenarios:
+//! - HAProxy checks drainit's `/ready`: the drain must end about a quiet period after HAProxy
+//!   stopped sending, not at `--drain-max`, and lose no request.
+//! - Late removal: HAProxy checks only the app's own `/healthz`, which stays healthy while it
+//!   drains, so only the runtime API takes a replica out, as kube-proxy following the endpoints
+//!   would, here 0.5 s, 6 s or 8 s after the SIGTERM. One configuration (`--drain-watch traffic
+//!   --drain-max 15s`) must lose no request for any of them; a fixed `--drain-delay 2s` shorter
+//!   than the removal loses some (the baseline: the test can fail).
+//! - Low traffic (~3 requests/s, Poisson arrivals), late removal at 6 s, auto quiet period: the
+//!   quiet period drainit derives from the rate must outlast the gaps between requests. HAProxy
+//!   runs no health checks there (only the runtime API, exactly kube-proxy's model): checks of the
+//!   app's port every 500 ms would be arrivals too, outnumber the load and keep the watcher busy
+//!   until the removal whatever the quiet period.
+//!
+//! Needs root, iproute2 (`ip netns`) and HAProxy; fails rather than skips without them.
+
+mod lb;
+
+use std::net::SocketAddr;
+use std::process::ExitStatus;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use serde_json::Value;
+
+use lb::{
+    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc, SLOW,
+    demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_get, opt_ms, unique_control,
+};
+
+/// Every replica listens on the same ports, each in its own namespace.
+const APP_PORT: u16 = 8080;
+const HEALTH_PORT: u16 = 8099;
+/// How long a replaced replica's address stays dead (after it exited and was taken out of
+/// rotation) before its replacement listens there. In a real rolling restart the replacement
+/// comes up elsewhere; here it comes back at the same address, and HAProxy's default `retries 3`
+/// retries a refused connection on the same server for up to 3 s: a replacement listening within
+/// that window would answer the retries and hide failures. Longer than that window.
+const OLD_ADDRESS_DEAD_FOR: Duration = Duration::from_secs(4);
+/// ~140 requests/s, each on a new connection.
+const STEADY: Arrivals = Arrivals::Fixed(Duration::from_millis(7));
+/// Steady load before the first replica is stopped. drainit sizes its auto quiet period from the
+/// arrival rate before the drain, and reports no rate (falling back to `--drain-max`) unless at
+/// least 5 of its samples (every 250 ms before the drain) saw traffic: a replica stopped ~1 s
+/// after its traffic began gets a drain-max quiet period whatever the volume.
+const WARMUP: Duration = Duration::from_secs(3);
+/// ~3 requests/s from independent clients.
+const LOW: Arrivals = Arrivals::Poisson(Duration::from_millis(333));
+/// The reason drainit logs when the watchers, not `--drain-max`, ended the drain.
+const WATCHERS_DRAINED: &str = "watchers report drained";
+/// drainit's flags for the late-removal scenarios: one configuration for removals anywhere from
+/// 0.5 s to 8 s after the drain begins.
+const TRAFFIC_WATCH: &[&str] = &[
+    "--drain-watch",
+    "traffic",
+    "--drain-max",
+    "15s",
+    "--grace-period",
+    "20s",
+];
+
+#[test]
+fn ready_checks_traffic_and_lb_probes_end_the_drain_a_quiet_period_after_the_last_request() {
+    let outcome = Scenario {
+        label: "ready-checks",
+        check: HealthCheck::DrainitReady,
+        drainit: &[
+            "--drain-watch",
+            "traffic,lb-probes",
+            "--drain-max",
+            "15s",
+            "--grace-period",
+            "20s",
+        ],
+        arrivals: STEADY,
+        warmup: WARMUP,
+        removal: Removal::ByChecks,
+        replace: 2,
+    }
+    .run();
+    outcome.assert_no_request_lost();
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+    for step in &outcome.steps {
+        assert!(
+            step.out_after.is_some(),
+            "HAProxy never marked {} DOWN while drainit drained it",
+            step.server
+        );
+        assert!(
+            step.drain.evidence["lb_probes_drained_ms"].is_u64(),
+            "{}: the lb-probes watcher never reported drained: {}",
+            step.server,
+            step.drain.line
+        );
+    }
+}
+
+#[test]
+fn late_removal_at_6s_traffic_watch_drops_no_request() {
+    let outcome = late_removal("late-6s", Duration::from_secs(6), TRAFFIC_WATCH).run();
+    outcome.assert_no_request_lost();
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+}
+
+#[test]
+fn late_removal_at_6s_fixed_2s_drain_delay_drops_requests() {
+    let outcome = Scenario {
+        // One replica is enough to show the failures, and saves ~12 s.
+        replace: 1,
+        ..late_removal(
+            "late-6s-fixed-2s",
+            Duration::from_secs(6),
+            &["--drain-delay", "2s", "--grace-period", "20s"],
+        )
+    }
+    .run();
+    outcome.assert_load_ran();
+    assert!(
+        !outcome.load.failures.is_empty(),
+        "no request failed with a 2 s drain delay and the replica taken out of rotation 6 s after \
+         its SIGTERM: the baseline no longer shows the problem, so the watched-drain tests of late \
+         removal prove nothing ({} requests)",
+        outcome.load.requests
+    );
+}
+
+#[test]
+fn late_removal_at_6s_low_traffic_auto_quiet_period_drops_no_request() {
+    let outcome = Scenario {
+        label: "late-6s-low-traffic",
+        check: HealthCheck::None,
+        drainit: &[
+            "--drain-watch",
+            "traffic",
+            "--drain-max",
+            "20s",
+            "--grace-period",
+            "25s",
+        ],
+        arrivals: LOW,
+        // Enough requests before the first drain for drainit to measure the rate.
+        warmup: Duration::from_secs(8),
+        removal: Removal::RuntimeApi(Duration::from_secs(6)),
+        replace: 2,
+    }
+    .run();
+    outcome.assert_no_request_lost();
+    for step in &outcome.steps {
+        println!(
+            "{}: quiet period drainit chose: {} ms ({})",
+            step.server,
+            step.drain.evidence["quiet_period_ms"],
+            step.drain.evidence["quiet_period_reason"]
+        );
+    }
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+}
+
+#[test]
+fn late_removal_at_half_a_second_traffic_watch_drops_no_request() {
+    let outcome = late_removal("late-0.5s", Duration::from_millis(500), TRAFFIC_WATCH).run();
+    outcome.assert_no_request_lost();
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+}
+
+#[test]
+fn late_removal_at_8s_traffic_watch_drops_no_request() {
+    let outcome = late_removal("late-8s", Duration::from_secs(8), TRAFFIC_WATCH).run();
+    outcome.assert_no_request_lost();
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+}
+
+/// HAProxy checks the app's `/healthz`; the test takes the server out `after` the SIGTERM.
+fn late_removal(
+    label: &'static str,
+    after: Duration,
+    drainit: &'static [&'static str],
+) -> Scenario {
+    Scenario {
+        label,
+        check: HealthCheck::AppHealthz,
+        drainit,
+        arrivals: STEADY,
+        warmup: WARMUP,
+        removal: Removal::RuntimeApi(after),
+        replace: 2,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario
+
+/// A rolling restart of two replicas behind HAProxy under load.
+struct Scenario {
+    label: &'static str,
+    check: HealthCheck,
+    /// drainit's flags besides the addresses and the log format.
+    drainit: &'static [&'static str],
+    arrivals: Arrivals,
+    /// Load before the first replica is stopped.
+    warmup: Duration,
+    removal: Removal,
+    /// How many of the two replicas are replaced, one after the other.
+    replace: usize,
+}
+
+/// What takes a stopping replica out of HAProxy's rotation.
+#[derive(Debug, Clone, Copy)]
+enum Removal {
+    /// HAProxy's own health checks.
+    ByChecks,
+    /// The test, through the runtime API (`set server be/rN state maint`), this long after the
+    /// SIGTERM; and back (`state ready`) once the replacement listens.
+    RuntimeApi(Duration),
+}
+
+/// One replica slot: a network namespace and what runs in it.
+struct Replica {
+    // Declared first: the processes inside go before their namespace.
+    proc: Proc,
+    server: String,
+    netns: Netns,
+}
+
+impl Replica {
+    fn health(&self) -> SocketAddr {
+        SocketAddr::from((self.netns.ip, HEALTH_PORT))
+    }
+}
+
+/// The "drain over" line of one drainit.
+#[derive(Debug)]
+struct DrainOver {
+    reason: String,
+    elapsed_ms: u64,
+    /// The `evidence` field, parsed.
+    evidence: Value,
+    line: String,
+}
+
+/// One replica replaced; times are from its SIGTERM.
+struct Step {
+    server: String,
+    /// When the SIGTERM was sent, on the test's clock.
+    sigterm_at: Duration,
+    /// HAProxy's view before the SIGTERM: drainit's `/status` traffic section.
+    traffic_before: Value,
+    /// When HAProxy stopped routing to it: DOWN or MAINT.
+    out_after: Option<Duration>,
+    removed_after: Option<Duration>,
+    exited_after: Duration,
+    up_again_after: Duration,
+    drain: DrainOver,
+    late_arrivals: Vec<String>,
+    /// The replaced replica's output.
+    output: String,
+}
+
+struct Outcome {
+    label: String,
+    load: LoadReport,
+    /// How many requests the load should have sent in the time it ran.
+    expected_requests: f64,
+    steps: Vec<Step>,
+    counters: Vec<(String, Counters)>,
+    /// Output of HAProxy and of every drainit, for failure messages.
+    outputs: String,
+}
+
+impl Scenario {
+    fn run(&self) -> Outcome {
+        haproxy_bin();
+        let clock = Clock::new();
+        let started = Instant::now();
+        let label = self.label.to_owned();
+        let mut replicas: Vec<Replica> = ["r1", "r2"]
+            .into_iter()
+            .map(|server| {
+                let netns = Netns::create();
+                let proc = self.start_replica(server, &netns, &clock);
+                Replica {
+                    proc,
+                    server: server.to_owned(),
+                    netns,
+                }
+            })
+            .collect();
+        let [frontend] = free_ports();
+        let backends: Vec<Backend> = replicas
+            .iter()
+            .map(|r| Backend {
+                name: r.server.clone(),
+                app: SocketAddr::from((r.netns.ip, APP_PORT)),
+                health_port: HEALTH_PORT,
+            })
+            .collect();
+        let haproxy = Haproxy::start(self.check, frontend, &backends, &clock);
+        for r in &replicas {
+            haproxy.wait_until_up(&r.server, Duration::from_secs(15), || outputs(&replicas));
+        }
+        clock.event(format!(
+            "{label}: both servers UP in HAProxy, starting the load"
+        ));
+        let load = Load::start(
+            SocketAddr::from(([127, 0, 0, 1], frontend)),
+            self.arrivals,
+            &clock,
+        );
+        let load_started = Instant::now();
+        thread::sleep(self.warmup);
+
+        let mut steps = Vec::new();
+        for i in 0..self.replace {
+            let others = replicas_outputs_but(&replicas, i);
+            steps.push(self.replace(&mut replicas[i], &haproxy, &clock, &others));
+            // Let traffic spread over both replicas again before the next one goes.
+            thread::sleep(Duration::from_millis(500));
+        }
+        let load = load.stop();
+        let load_ran_for = load_started.elapsed();
+        clock.event(format!("{label}: load stopped"));
+        let counters: Vec<(String, Counters)> = replicas
+            .iter()
+            .map(|r| (r.server.clone(), haproxy.counters(&r.server)))
+            .collect();
+
+        println!(
+            "==== {label}: drainit {}; HAProxy checks {:?}; removal {:?}; load {:?} ====",
+            self.drainit.join(" "),
+            self.check,
+            self.removal,
+            self.arrivals
+        );
+        println!("timeline (ms since the test started):");
+        for line in clock.timeline() {
+            println!("  {line}");
+        }
+        for step in &steps {
+            let window = step.sigterm_at..step.sigterm_at + step.up_again_after;
+            let failed = load
+                .failures
+                .iter()
+                .filter(|(at, _)| window.contains(at))
+                .count();
+            println!(
+                "{label}: replaced {}: before the SIGTERM drainit saw {} arrivals/s on ports \
+                 {} (quiet period would be {} ms); out of rotation {}, removed through the \
+                 runtime API {}, drain over at {} ms ({}), old replica exited {} ms, new one in \
+                 rotation {} ms after the SIGTERM; {failed} requests sent meanwhile failed; late \
+                 arrivals: {}",
+                step.server,
+                step.traffic_before["rate_per_s"],
+                step.traffic_before["ports"],
+                step.traffic_before["quiet_period_ms"],
+                opt_ms(step.out_after),
+                opt_ms(step.removed_after),
+                step.drain.elapsed_ms,
+                step.drain.reason,
+                step.exited_after.as_millis(),
+                step.up_again_after.as_millis(),
+                step.late_arrivals.len()
+            );
+            println!("{label}: {} evidence: {}", step.server, step.drain.evidence);
+            for late in &step.late_arrivals {
+                println!("  late arrival: {late}");
+            }
+        }
+        for (server, c) in &counters {
+            println!(
+                "{label}: HAProxy counters for {server}: econ {} eresp {} wretr {} 5xx {} \
+                 chkdown {}",
+                c.econ, c.eresp, c.wretr, c.hrsp_5xx, c.chkdown
+            );
+        }
+        println!(
+            "{label}: {} requests, {} failed; latency max {} ms, {} took >= {} ms",
+            load.requests,
+            load.failures.len(),
+            load.latency.max.as_millis(),
+            load.latency.slow,
+            SLOW.as_millis()
+        );
+        for (_, failure) in load.failures.iter().take(20) {
+            println!("  failure: {failure}");
+        }
+        if load.failures.len() > 20 {
+            println!("  ... and {} more", load.failures.len() - 20);
+        }
+        println!(
+            "{label}: scenario took {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        let replaced: Vec<&str> = steps.iter().map(|s| s.output.as_str()).collect();
+        let outputs = format!(
+            "HAProxy output:\n{}\n{}\n{}",
+            haproxy.proc.output(),
+            replaced.join("\n"),
+            outputs(&replicas)
+        );
+        Outcome {
+            label,
+            expected_requests: load_ran_for.as_secs_f64() / self.arrivals.mean_gap().as_secs_f64(),
+            load,
+            steps,
+            counters,
+            outputs,
+        }
+    }
+
+    /// Starts drainit and the demo app in `netns`; waits until the app listens and drainit's
+    /// probe server too.
+    fn start_replica(&self, server: &str, netns: &Netns, clock: &Clock) -> Proc {
+        let mut command = netns.command(&drainit_bin());
+        command
+            .arg("--health-listen")
+            .arg(format!("0.0.0.0:{HEALTH_PORT}"))
+            .arg("--control")
+            .arg(unique_control(server))
+            .args(["--log-format", "json"])
+            .args(self.drainit)
+            .arg("--")
+            .arg(demo_app_bin())
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{APP_PORT}"))
+            .arg("--name")
+            .arg(server);
+        let name = format!("drainit({server})");
+        let proc = Proc::spawn(&name, &mut command, Some((clock, drainit_event)));
+        let timeout = Duration::from_secs(10);
+        let listening = format!("demo-app: listening on 0.0.0.0:{APP_PORT}");
+        let ready = proc.wait_line(timeout, |l| l == listening).is_some()
+            && proc
+                .wait_line(timeout, |l| l.contains("probe server listening"))
+                .is_some();
+        assert!(
+            ready,
+            "{name}: the app or drainit's probe server did not come up within {timeout:?} in \
+             {}:\n{}",
+            netns.name,
+            proc.output()
+        );
+        clock.event(format!(
+            "{name} started at {} (pid {})",
+            netns.ip,
+            proc.pid()
+        ));
+        proc
+    }
+
+    /// SIGTERM to the replica's drainit; with a runtime-API removal, takes it out of rotation on
+    /// time. Once it exited and its address has been dead for `OLD_ADDRESS_DEAD_FOR`, starts the
+    /// replacement in the same namespace and waits until HAProxy has it in rotation again.
+    fn replace(
+        &self,
+        replica: &mut Replica,
+        haproxy: &Haproxy,
+        clock: &Clock,
+        others: &str,
+    ) -> Step {
+        let server = replica.server.clone();
+        let traffic_before = http_get(replica.health(), "/status")
+            .ok()
+            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .map_or(Value::Null, |status| status["traffic"].clone());
+        let sigterm = Instant::now();
+        kill(replica.proc.pid(), Signal::SIGTERM).expect("cannot SIGTERM the replica's drainit");
+        clock.event(format!("SIGTERM to {}", replica.proc.name));
+
+        let mut watch = StatusWatch::new(&server, sigterm);
+        let mut removed: Option<Instant> = None;
+        let mut exited: Option<(Instant, ExitStatus)> = None;
+        let deadline = sigterm + Duration::from_secs(35);
+        loop {
+            watch.poll(haproxy, clock);
+            if let Removal::RuntimeApi(after) = self.removal {
+                if removed.is_none() && sigterm.elapsed() >= after {
+                    haproxy.set_state(&server, "maint");
+                    removed = Some(Instant::now());
+                    clock.event(format!("runtime API: {server} set to maint (taken out)"));
+                }
+            }
+            if exited.is_none() {
+                if let Some(status) = replica.proc.try_exit() {
+                    exited = Some((Instant::now(), status));
+                    clock.event(format!("{} exited: {status}", replica.proc.name));
+                }
+            }
+            let out = match self.removal {
+                Removal::ByChecks => true,
+                Removal::RuntimeApi(_) => removed.is_some(),
+            };
+            if let (Some(_), true) = (exited, out) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within 35 s of its SIGTERM:\n{}",
+                replica.proc.name,
+                replica.proc.output()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let (exited_at, status) = exited.expect("exited");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{} exited with {status}, expected 0:\n{}",
+            replica.proc.name,
+            replica.proc.output()
+        );
+        let drain = drain_over(&replica.proc);
+        let late_arrivals = replica
+            .proc
+            .lines()
+            .into_iter()
+            .filter(|l| message(l).is_some_and(|m| m.starts_with("late arrival")))
+            .collect();
+
+        let dead_since = removed.map_or(exited_at, |r| r.max(exited_at));
+        while dead_since.elapsed() < OLD_ADDRESS_DEAD_FOR {
+            watch.poll(haproxy, clock);
+            thread::sleep(Duration::from_millis(20));
+        }
+        let output = format!(
+            "{} (replaced) output:\n{}",
+            replica.proc.name,
+            replica.proc.output()
+        );
+        let replacement = self.start_replica(&server, &replica.netns, clock);
+        // The old one has exited: dropping it kills nothing.
+        drop(std::mem::replace(&mut replica.proc, replacement));
+        if let Removal::RuntimeApi(_) = self.removal {
+            haproxy.set_state(&server, "ready");
+            clock.event(format!("runtime API: {server} set to ready (back in)"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(12);
+        loop {
+            let status = watch.poll(haproxy, clock);
+            if haproxy.in_rotation(&status) && watch.out.is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "HAProxy did not put {server} back in rotation within 12 s of its replacement \
+                 starting (status {status}, out of rotation seen: {}):\nreplacement output:\n{}\n\
+                 HAProxy output:\n{}\n{others}",
+                watch.out.is_some(),
+                replica.proc.output(),
+                haproxy.proc.output()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        let up_again_after = sigterm.elapsed();
+        clock.event(format!("HAProxy: {server} is in rotation again"));
+        Step {
+            server: server.clone(),
+            sigterm_at: clock.since_start(sigterm),
+            traffic_before,
+            out_after: watch.out,
+            removed_after: removed.map(|r| r - sigterm),
+            exited_after: exited_at - sigterm,
+            up_again_after,
+            drain,
+            late_arrivals,
+            output,
+        }
+    }
+}
+
+impl Outcome {
+    /// At least half the requests the load was meant to send: a test that sent none would pass.
+    fn assert_load_ran(&self) {
+        assert!(
+            self.load.requests as f64 >= self.expected_requests / 2.0,
+            "{}: only {} requests went through HAProxy, {:.0} expected: the load did not run",
+            self.label,
+            self.load.requests,
+            self.expected_requests
+        );
+    }
+
+    /// Zero failed requests, and HAProxy's own counters show no error nor retry (so no failure
+    /// was hidden by its retries either).
+    fn assert_no_request_lost(&self) {
+        let label = &self.label;
+        self.assert_load_ran();
+        assert!(
+            self.load.failures.is_empty(),
+            "{label}: {} of {} requests failed (see the timeline above):\n{}",
+            self.load.failures.len(),
+            self.load.requests,
+            self.outputs
+        );
+        for (server, c) in &self.counters {
+            assert!(
+                c.clean(),
+                "{label}: HAProxy counted errors or retries on {server}: econ {} eresp {} wretr {} \
+                 5xx {}",
+                c.econ,
+                c.eresp,
+                c.wretr,
+                c.hrsp_5xx
+            );
+        }
+        for step in &self.steps {
+            assert!(
+                step.late_arrivals.is_empty(),
+                "{label}: {} logged requests after its stop signal:\n{}",
+                step.server,
+                step.late_arrivals.join("\n")
+            );
+        }
+    }
+
+    /// Every drain was ended by the watchers (not `--drain-max`), within about a quiet period
+    /// (+ 1 s) of the last request drainit saw.
+    fn assert_drains_ended_by_the_watchers_promptly(&self) {
+        let label = &self.label;
+        for step in &self.steps {
+            let drain = &step.drain;
+            assert_eq!(
+                drain.reason, WATCHERS_DRAINED,
+                "{label}: {}'s drain did not end by its watchers: {}",
+                step.server, drain.line
+            );
+            let evidence = &drain.evidence;
+            let last_request = evidence["last_request_ms"].as_i64().unwrap_or_else(|| {
+                panic!(
+                    "{label}: {}: no last_request_ms in the evidence: {}",
+                    step.server, drain.line
+                )
+            });
+            let quiet = evidence["quiet_period_ms"].as_i64().unwrap_or_else(|| {
+                panic!(
+                    "{label}: {}: no quiet_period_ms in the evidence: {}",
+                    step.server, drain.line
+                )
+            });
+            let after_last = drain.elapsed_ms as i64 - last_request;
+            assert!(
+                after_last <= quiet + 1000,
+                "{label}: {}'s drain ended {after_last} ms after the last request it saw, more \
+                 than the quiet period ({quiet} ms) + 1 s: {}",
+                step.server,
+                drain.line
+            );
+            if let Some(removed) = step.removed_after {
+                assert!(
+                    Duration::from_millis(drain.elapsed_ms) >= removed,
+                    "{label}: {}'s drain ended at {} ms, before HAProxy took it out at {} ms",
+                    step.server,
+                    drain.elapsed_ms,
+                    removed.as_millis()
+                );
+            }
+        }
+    }
+}
+
+/// Follows one server's status in HAProxy from the SIGTERM of its replica; every change goes to
+/// the timeline.
+struct StatusWatch<'a> {
+    server: &'a str,
+    sigterm: Instant,
+    last: String,
+    /// When it was first out of rotation: DOWN or MAINT.
+    out: Option<Duration>,
+}
+
+impl<'a> StatusWatch<'a> {
+    fn new(server: &'a str, sigterm: Instant) -> Self {
+        StatusWatch {
+            server,
+            sigterm,
+            last: String::new(),
+            out: None,
+        }
+    }
+
+    fn poll(&mut self, haproxy: &Haproxy, clock: &Clock) -> String {
+        let status = haproxy.server_status(self.server);
+        if status != self.last {
+            clock.event(format!("HAProxy: {} is {status}", self.server));
+            self.last = status.clone();
+        }
+        if self.out.is_none() && (status.starts_with("DOWN") || status.starts_with("MAINT")) {
+            self.out = Some(self.sigterm.elapsed());
+        }
+        status
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// drainit's logs
+
+/// The `message` of one JSON log line.
+fn message(line: &str) -> Option<String> {
+    let log: Value = serde_json::from_str(line).ok()?;
+    field(&log, "message").as_str().map(str::to_owned)
+}
+
+/// A field of a JSON log line, at the top level or under `fields`.
+fn field<'v>(log: &'v Value, name: &str) -> &'v Value {
+    match &log[name] {
+        Value::Null => &log["fields"][name],
+        value => value,
+    }
+}
+
+/// The timeline's view of drainit's log: the steps of the drain.
+fn drainit_event(line: &str) -> Option<String> {
+    let log: Value = serde_json::from_str(line).ok()?;
+    let message = field(&log, "message").as_str()?;
+    let elapsed = field(&log, "elapsed_ms");
+    if message == "drain over" {
+        let reason = field(&log, "reason").as_str().unwrap_or("no reason");
+        return Some(format!("drain over at {elapsed} ms: {reason}"));
+    }
+    let keep = message.starts_with("drain started")
+        || message.starts_with("sending the stop signal")
+        || message.starts_with("app exited")
+        || message.starts_with("late arrival")
+        || message.starts_with("shutdown budget spent");
+    keep.then(|| format!("{message} ({elapsed} ms)"))
+}
+
+/// The replica's "drain over" line, with its evidence parsed.
+fn drain_over(proc: &Proc) -> DrainOver {
+    let line = proc
+        .wait_line(Duration::from_secs(2), |l| {
+            message(l).as_deref() == Some("drain over")
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: no 'drain over' log line:\n{}",
+                proc.name,
+                proc.output()
+            )
+        });
+    let log: Value = serde_json::from_str(&line).expect("JSON");
+    let evidence = match field(&log, "evidence") {
+        Value::String(text) => serde_json::from_str(text)
+            .unwrap_or_else(|e| panic!("{}: evidence is not JSON ({e}): {line}", proc.name)),
+        other => other.clone(),
+    };
+    DrainOver {
+        reason: field(&log, "reason").as_str().unwrap_or("").to_owned(),
+        elapsed_ms: field(&log, "elapsed_ms")
+            .as_u64()
+            .unwrap_or_else(|| panic!("{}: no elapsed_ms in {line}", proc.name)),
+        evidence,
+        line,
+    }
+}
+
+fn outputs(replicas: &[Replica]) -> String {
+    replicas
+        .iter()
+        .map(|r| format!("{} output:\n{}", r.proc.name, r.proc.output()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn replicas_outputs_but(replicas: &[Replica], skip: usize) -> String {
+    replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != skip)
+        .map(|(_, r)| format!("{} output:\n{}", r.proc.name, r.proc.output()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
