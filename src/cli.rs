@@ -93,7 +93,8 @@ pub struct RunArgs {
     pub drain_max: Option<Duration>,
 
     /// With --drain-watch traffic: how long no request may arrive before the drain is done.
-    /// `auto` derives it from the arrival rate before the drain (99.9 % sure) [default: auto].
+    /// `auto` derives it from the arrival rate before the drain: a 0.1 % chance that a replica
+    /// still in rotation sees a gap that long within the drain [default: auto].
     #[arg(long, env = "DRAINIT_QUIET_PERIOD", value_name = "auto|DURATION", value_parser = parse_quiet_period)]
     pub quiet_period: Option<QuietPeriod>,
 

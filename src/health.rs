@@ -149,39 +149,55 @@ fn handle(
     observers: &Observers,
     context: &Context,
 ) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let reads = request.method() == Method::GET || request.method() == Method::HEAD;
-    let response = match path {
-        "/status" if reads => {
+    let asked = Asked::from(request);
+    let response = match asked.path {
+        "/status" if asked.reads => {
             let body = status::render(state, observers, context).to_string() + "\n";
             with_body(StatusCode::OK, "application/json", body)
         }
-        "/metrics" if reads => with_body(
+        "/metrics" if asked.reads => with_body(
             StatusCode::OK,
             metrics::CONTENT_TYPE,
             context.metrics.render(),
         ),
-        _ => probe(request, peer, state, observers, context),
+        _ => probe(request, &asked, peer, state, observers, context),
     };
-    context.metrics.probe(
-        path,
-        response.status().as_u16(),
-        checker_kind(request, path),
-    );
+    context
+        .metrics
+        .probe(asked.path, response.status().as_u16(), asked.checker_kind());
     response
 }
 
-/// For the probe metrics: who asked.
-fn checker_kind(request: &Request<Incoming>, path: &str) -> &'static str {
-    let agent = request
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    match path {
-        _ if agent.starts_with(KUBELET_AGENT) => "kubelet",
-        "/ready" | "/alive" => "load_balancer",
-        _ => "other",
+/// What a request asks, read once.
+struct Asked<'a> {
+    path: &'a str,
+    /// GET or HEAD.
+    reads: bool,
+    agent: &'a str,
+}
+
+impl<'a> From<&'a Request<Incoming>> for Asked<'a> {
+    fn from(request: &'a Request<Incoming>) -> Self {
+        Self {
+            path: request.uri().path(),
+            reads: request.method() == Method::GET || request.method() == Method::HEAD,
+            agent: request
+                .headers()
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        }
+    }
+}
+
+impl Asked<'_> {
+    /// For the probe metrics: who asked.
+    fn checker_kind(&self) -> &'static str {
+        match self.path {
+            _ if self.agent.starts_with(KUBELET_AGENT) => "kubelet",
+            "/ready" | "/alive" => "load_balancer",
+            _ => "other",
+        }
     }
 }
 
@@ -189,24 +205,18 @@ fn checker_kind(request: &Request<Incoming>, path: &str) -> &'static str {
 /// kubelet and every `/ready` check recorded for the `lb-probes` watcher.
 fn probe(
     request: &Request<Incoming>,
+    asked: &Asked<'_>,
     peer: IpAddr,
     state: State,
     observers: &Observers,
     context: &Context,
 ) -> Response<Full<Bytes>> {
-    let path = request.uri().path();
-    let reads = request.method() == Method::GET || request.method() == Method::HEAD;
-    let agent = request
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
     let checker = CheckerId {
         addr: peer,
-        agent: agent.to_owned(),
+        agent: asked.agent.to_owned(),
     };
     let now = Instant::now();
-    let held = path == "/ready"
+    let held = asked.path == "/ready"
         && checker.is_kubelet()
         && state.phase.is_ready()
         && context.gate_holds(&observers.checkers(), state, now);
@@ -218,7 +228,7 @@ fn probe(
     } else {
         respond(request, state.phase)
     };
-    if path == "/ready" && reads {
+    if asked.path == "/ready" && asked.reads {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()

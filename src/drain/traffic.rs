@@ -21,7 +21,7 @@ use crate::tcp::{self, Connection, TcpSampler};
 /// How far back the arrival rate before the drain is measured.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
 /// Fewer events than this in the window say nothing reliable about the rate.
-const MIN_EVENTS_FOR_RATE: usize = 5;
+const MIN_EVENTS_FOR_RATE: u64 = 5;
 /// The auto quiet period leaves this chance that a replica still in rotation saw no request.
 const MISS_PROBABILITY: f64 = 0.001;
 /// Never call traffic quiet sooner than this.
@@ -138,16 +138,14 @@ impl Traffic {
             .checked_sub(RATE_WINDOW)
             .unwrap_or(self.started)
             .max(self.started);
-        let in_window: Vec<u32> = self
+        let events: u64 = self
             .events
             .iter()
             .filter(|(t, _)| *t >= from && *t <= until)
-            .map(|(_, n)| *n)
-            .collect();
+            .map(|(_, n)| u64::from(*n))
+            .sum();
         let span = until.saturating_duration_since(from).as_secs_f64();
-        let samples = in_window.len();
-        (samples >= MIN_EVENTS_FOR_RATE && span > 0.0)
-            .then(|| in_window.iter().map(|n| f64::from(*n)).sum::<f64>() / span)
+        (events >= MIN_EVENTS_FOR_RATE && span > 0.0).then(|| events as f64 / span)
     }
 
     /// How long nothing has arrived, counting from `since` if nothing did after it, up to the
@@ -186,21 +184,23 @@ pub enum QuietPeriod {
 }
 
 impl QuietPeriod {
-    /// The period to use and why. Auto: with arrivals at rate r, a replica still in rotation sees
-    /// none for T with probability e^(-rT); T = ln(1/0.001)/r makes that 0.1 %. Never under 1 s,
-    /// never past `max`; with no measurable rate, `max`.
+    /// The period to use and why. Auto: a replica still in rotation gets requests at rate r, so
+    /// a gap of T or more starts about r * e^(-rT) times a second; over a drain of up to `max` (W)
+    /// that happens with probability about r * W * e^(-rT). T = ln(1000 * max(1, rW)) / r makes
+    /// it 0.1 % for the whole drain, not just for one gap. Never under 1 s, never past `max`;
+    /// with no measurable rate, `max`.
     pub fn resolve(self, rate: Option<f64>, max: Duration) -> (Duration, String) {
         match (self, rate) {
             (QuietPeriod::Fixed(period), _) => (period, "fixed by --quiet-period".into()),
             (QuietPeriod::Auto, Some(rate)) if rate > 0.0 => {
-                let period = Duration::from_secs_f64((1.0 / MISS_PROBABILITY).ln() / rate);
+                let chances = (rate * max.as_secs_f64()).max(1.0);
+                let seconds = (chances / MISS_PROBABILITY).ln() / rate;
+                let period = Duration::from_secs_f64(seconds);
                 let clamped = period.clamp(MIN_QUIET, max.max(MIN_QUIET));
-                (
-                    clamped,
-                    format!(
-                        "auto: {rate:.2} arrivals/s before the drain, 99.9% sure within {period:.1?}"
-                    ),
-                )
+                let why = format!(
+                    "auto: {rate:.2} arrivals/s before the drain; a {period:.1?} gap has a 0.1% chance within --drain-max"
+                );
+                (clamped, why)
             }
             (QuietPeriod::Auto, _) => (
                 max,
@@ -239,7 +239,11 @@ pub async fn monitor(
     let mut ports_looked_up: Option<Instant> = None;
     let mut sockets_read: Option<Instant> = None;
     loop {
-        let current = state.borrow_and_update().phase;
+        let State {
+            phase: current,
+            drain_started,
+            ..
+        } = *state.borrow_and_update();
         let cadence = if current.drain_has_started() {
             DURING_DRAIN
         } else {
@@ -278,6 +282,7 @@ pub async fn monitor(
             metrics.late_arrivals(u64::from(events));
             warn!(
                 events,
+                elapsed_ms = drain_started.map(|t| t.elapsed().as_millis() as u64),
                 "late arrival: requests reached the app after its stop signal (the drain ended too early)"
             );
         }
@@ -501,6 +506,15 @@ mod tests {
         }
         let rate = bursty.rate(t0 + MS(20_100)).unwrap();
         assert!((rate - 12.4).abs() < 1.0, "{rate}");
+        // Busy for just one second (four samples): 90 events are plenty to measure.
+        let mut brief = Traffic::new(vec![], t0);
+        for (i, total) in [0u64, 30, 60, 90].into_iter().enumerate() {
+            brief.observe(obs(total, 0, vec![]), t0 + MS(i as u64 * 333));
+        }
+        let rate = brief
+            .rate(t0 + MS(1000))
+            .expect("a rate from one busy second");
+        assert!((rate - 90.0).abs() < 1.0, "{rate}");
         // Too few events: no rate.
         let mut idle = Traffic::new(vec![], t0);
         idle.observe(obs(0, 0, vec![]), t0);
@@ -513,11 +527,15 @@ mod tests {
         let max = Duration::from_secs(30);
         let (fast, _) = QuietPeriod::Auto.resolve(Some(200.0), max);
         assert_eq!(fast, MIN_QUIET, "at 200/s, 35 ms would do: never under 1 s");
+        // 3/s over a 30 s drain: 90 chances of a gap, ln(90,000)/3 = 3.80 s.
         let (slow, why) = QuietPeriod::Auto.resolve(Some(3.0), max);
-        assert!((slow.as_secs_f64() - 2.30).abs() < 0.01, "{slow:?}");
+        assert!((slow.as_secs_f64() - 3.80).abs() < 0.01, "{slow:?}");
         assert!(why.contains("3.00 arrivals/s"), "{why}");
+        // The shorter the drain, the fewer chances: 3/s over 5 s gives ln(15,000)/3 = 3.21 s.
+        let (short, _) = QuietPeriod::Auto.resolve(Some(3.0), Duration::from_secs(5));
+        assert!((short.as_secs_f64() - 3.21).abs() < 0.01, "{short:?}");
         let (rare, _) = QuietPeriod::Auto.resolve(Some(0.1), max);
-        assert_eq!(rare, max, "69 s would do: never past --drain-max");
+        assert_eq!(rare, max, "80 s would do: never past --drain-max");
         let (unknown, why) = QuietPeriod::Auto.resolve(None, max);
         assert_eq!(unknown, max);
         assert!(why.contains("too little traffic"), "{why}");

@@ -215,6 +215,13 @@ impl Drainit {
         at
     }
 
+    /// Sends SIGTERM to the demo app's drainit; returns how long the drain took, until the app
+    /// reported its stop signal.
+    pub fn drain_time(&mut self) -> Duration {
+        let sigterm = self.signal_at(Signal::SIGTERM);
+        self.app_line("demo-app: signal TERM").at - sigterm
+    }
+
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.health, path)
     }
