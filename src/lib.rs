@@ -109,26 +109,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let metrics = Arc::new(Metrics::new());
     let mut lifecycle = Lifecycle::new(metrics.clone());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let check_log = SharedCheckLog::default();
-    let (readiness_tx, readiness_rx) = mpsc::channel(8);
-    if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
-        // Nothing to wait for: ready before the first probe can arrive.
-        lifecycle.apply(Event::AppReady);
-    } else {
-        tokio::spawn(readiness::run(
-            config.readiness.clone(),
-            check_log.clone(),
-            reaper.waiters(),
-            readiness_tx,
-            lifecycle.subscribe(),
-            {
-                let metrics = metrics.clone();
-                move |check, outcome| {
-                    metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
-                }
-            },
-        ));
-    }
+    let (readiness, check_log) = watch_readiness(&config, &mut lifecycle, &reaper, &metrics);
     let (drain_tx, drain_rx) = mpsc::channel(8);
     let context = health::Context {
         started,
@@ -152,9 +133,37 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let inputs = Inputs {
         signals,
         drain_requests: drain_rx,
-        readiness: readiness_rx,
+        readiness,
     };
     Ok(supervisor.run(inputs).await)
+}
+
+/// Starts the app check, whose verdicts the supervisor applies; with nothing to wait for, the
+/// app is ready at once, before the first probe can arrive.
+fn watch_readiness(
+    config: &RunConfig,
+    lifecycle: &mut Lifecycle,
+    reaper: &Reaper,
+    metrics: &Arc<Metrics>,
+) -> (mpsc::Receiver<Event>, SharedCheckLog) {
+    let check_log = SharedCheckLog::default();
+    let (verdicts, readiness) = mpsc::channel(8);
+    if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
+        lifecycle.apply(Event::AppReady);
+        return (readiness, check_log);
+    }
+    let metrics = metrics.clone();
+    tokio::spawn(readiness::run(
+        config.readiness.clone(),
+        check_log.clone(),
+        reaper.waiters(),
+        verdicts,
+        lifecycle.subscribe(),
+        move |check, outcome| {
+            metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
+        },
+    ));
+    (readiness, check_log)
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the

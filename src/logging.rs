@@ -27,5 +27,14 @@ pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
             .with_span_list(false)
             .init(),
     }
+    log_panics();
     Ok(())
+}
+
+/// A panic in one task (the probe server, a watcher) unwinds that task only: drainit and the
+/// app carry on. Say so in the log, in its format, rather than as raw text on stderr.
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!(panic = %info, "a drainit task panicked; drainit and the app carry on without it");
+    }));
 }
