@@ -333,6 +333,46 @@ impl Counters {
     }
 }
 
+/// What `Haproxy::start_tuned` may change in the configuration.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// The check parameters of every `server` line, after `check` (and its port).
+    pub check_timing: String,
+    /// Retry a failed request on another server (`option redispatch 1`), a refused connection
+    /// and a connection closed before any response alike; otherwise HAProxy's default: retry a
+    /// refused connection on the same server.
+    pub redispatch: bool,
+}
+
+impl Default for Tuning {
+    /// What `Haproxy::start` uses.
+    fn default() -> Self {
+        Tuning {
+            check_timing: "inter 500ms fall 2 rise 2".to_owned(),
+            redispatch: false,
+        }
+    }
+}
+
+const NO_REDISPATCH: &str =
+    "    # HAProxy's default, written out: a refused connection is retried on the same server (no
+    # option redispatch: like a real LB that has already routed the request).
+    retries 3
+";
+
+const REDISPATCH: &str = "    # A refused connection, or one closed before any response (a server killed with requests in
+    # its accept queue), is retried on another server (at once if one is in rotation, else
+    # after 1 s): what a load balancer does for idempotent requests to a server that died.
+    retries 3
+    option redispatch 1
+    retry-on conn-failure empty-response
+";
+
+/// With retries on another server, a request that succeeded after one would be logged (and
+/// shown in the timeline as if it had failed): count it in the stats (`wretr`, `wredis`) only.
+const QUIET_RETRIES: &str = "    http-response set-log-level silent if { status 200 }
+";
+
 pub struct Haproxy {
     // Declared first so HAProxy is killed before its directory goes.
     pub proc: Proc,
@@ -345,7 +385,19 @@ impl Haproxy {
     /// HAProxy in the test's network namespace, its frontend on 127.0.0.1:`frontend`, one
     /// round-robin backend `be`; every server line logs to the timeline.
     pub fn start(check: HealthCheck, frontend: u16, backends: &[Backend], clock: &Clock) -> Self {
+        Self::start_tuned(check, frontend, backends, &Tuning::default(), clock)
+    }
+
+    /// `start` with other check timings or retry policy.
+    pub fn start_tuned(
+        check: HealthCheck,
+        frontend: u16,
+        backends: &[Backend],
+        tuning: &Tuning,
+        clock: &Clock,
+    ) -> Self {
         let bin = haproxy_bin();
+        let timing = tuning.check_timing.as_str();
         let dir = tempfile::tempdir().expect("cannot create a temporary directory");
         let socket = dir.path().join("admin.sock");
         let option = match check {
@@ -356,10 +408,8 @@ impl Haproxy {
         let mut servers = String::new();
         for b in backends {
             let checks = match check {
-                HealthCheck::DrainitReady => {
-                    format!(" check port {} inter 500ms fall 2 rise 2", b.health_port)
-                }
-                HealthCheck::AppHealthz => " check inter 500ms fall 2 rise 2".to_owned(),
+                HealthCheck::DrainitReady => format!(" check port {} {timing}", b.health_port),
+                HealthCheck::AppHealthz => format!(" check {timing}"),
                 HealthCheck::None => String::new(),
             };
             servers.push_str(&format!("    server {} {}{checks}\n", b.name, b.app));
@@ -375,10 +425,7 @@ defaults
     # Log the requests that go wrong, and every server state change.
     option httplog
     option dontlog-normal
-    # HAProxy's default, written out: a refused connection is retried on the same server (no
-    # option redispatch: like a real LB that has already routed the request).
-    retries 3
-    timeout connect 1s
+{retries}    timeout connect 1s
     timeout client 5s
     timeout server 5s
 
@@ -388,8 +435,14 @@ frontend fe
 
 backend be
     balance roundrobin
-{option}{servers}",
-            socket = socket.display()
+{quiet}{option}{servers}",
+            socket = socket.display(),
+            quiet = if tuning.redispatch { QUIET_RETRIES } else { "" },
+            retries = if tuning.redispatch {
+                REDISPATCH
+            } else {
+                NO_REDISPATCH
+            },
         );
         let config_path = dir.path().join("haproxy.cfg");
         std::fs::write(&config_path, &config).expect("cannot write the HAProxy configuration");
