@@ -27,7 +27,6 @@
 mod lb;
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, ExitStatus};
 use std::sync::Mutex;
@@ -41,7 +40,8 @@ use serde_json::Value;
 
 use lb::{
     Arrivals, Backend, Clock, Haproxy, HealthCheck, Load, LoadReport, Proc, SLOW, Tuning,
-    children_of, demo_app_bin, drainit_bin, free_ports, haproxy_bin, opt_ms, unique_control,
+    children_of, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_exchange, opt_ms,
+    unique_control,
 };
 
 /// The load balancer of the issue: two passed checks 1 s apart to take a server in, one failed
@@ -540,34 +540,11 @@ impl Kubelet {
 
 /// One kubelet HTTP probe: a new connection, HTTP/1.1, the kubelet's headers and timeout.
 fn kubelet_probe(addr: SocketAddr) -> Result<(u16, String), String> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, KUBELET_TIMEOUT).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(KUBELET_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(KUBELET_TIMEOUT)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(
-            format!(
-                "GET /ready HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {KUBELET_AGENT}\r\n\
-                 Accept: */*\r\nConnection: close\r\n\r\n"
-            )
-            .as_bytes(),
-        )
-        .map_err(|e| e.to_string())?;
-    let mut response = String::new();
-    stream
-        .read_to_string(&mut response)
-        .map_err(|e| e.to_string())?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no end of headers in {response:?}"))?;
-    let code = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status code in {head:?}"))?;
-    Ok((code, body.to_owned()))
+    let request = format!(
+        "GET /ready HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {KUBELET_AGENT}\r\n\
+         Accept: */*\r\nConnection: close\r\n\r\n"
+    );
+    http_exchange(addr, &request, KUBELET_TIMEOUT)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -797,15 +797,25 @@ fn request(addr: SocketAddr) -> Result<(), String> {
 /// One HTTP/1.0 GET (the test's own look at a replica, e.g. drainit's `/status`): the status
 /// code and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+    let request = format!("GET {path} HTTP/1.0\r\nUser-Agent: drainit-e2e-test\r\n\r\n");
+    http_exchange(addr, &request, Duration::from_secs(5))
+}
+
+/// Sends `request` on a new connection and reads the whole answer within `timeout`: the status
+/// code and the body.
+pub fn http_exchange(
+    addr: SocketAddr,
+    request: &str,
+    timeout: Duration,
+) -> Result<(u16, String), String> {
+    let mut stream = TcpStream::connect_timeout(&addr, timeout.min(Duration::from_secs(2)))
         .map_err(|e| format!("connect to {addr}: {e}"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
+        .set_read_timeout(Some(timeout))
+        .and_then(|()| stream.set_write_timeout(Some(timeout)))
         .map_err(|e| format!("socket options: {e}"))?;
     stream
-        .write_all(
-            format!("GET {path} HTTP/1.0\r\nUser-Agent: drainit-e2e-test\r\n\r\n").as_bytes(),
-        )
+        .write_all(request.as_bytes())
         .map_err(|e| format!("write: {e}"))?;
     let mut response = String::new();
     stream
