@@ -12,9 +12,10 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
+use tokio_util::codec::{Framed, LinesCodec};
 use tracing::{debug, warn};
 
 use crate::exit::StartupError;
@@ -29,8 +30,8 @@ pub const REPLY_APP_EXITED: &str = "app-exited";
 
 /// A peer that connects and says nothing must not hold a task forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longer than any valid request line.
-const MAX_REQUEST_BYTES: u64 = 64;
+/// Longer than any valid line either way: a peer cannot make drainit buffer more.
+const MAX_LINE_BYTES: usize = 64;
 /// The kernel's limit on `sun_path`, less the terminating NUL.
 const MAX_NAME_BYTES: usize = 107;
 
@@ -144,14 +145,22 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
     }
 }
 
+/// One line each way, at most [`MAX_LINE_BYTES`] long.
+pub fn lines(stream: UnixStream) -> Framed<UnixStream, LinesCodec> {
+    Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_BYTES))
+}
+
 async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::Receiver<State>) {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
-    let request = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
-    if !matches!(request, Ok(Ok(_))) || line.trim() != DRAIN_REQUEST {
-        debug!(request = line.trim(), "ignoring malformed control request");
-        let _ = write.write_all(b"error: expected 'drain'\n").await;
+    let mut channel = lines(stream);
+    let request = match tokio::time::timeout(REQUEST_TIMEOUT, channel.next()).await {
+        Ok(Some(Ok(line))) => line,
+        Ok(Some(Err(e))) => e.to_string(),
+        Ok(None) => "nothing".to_owned(),
+        Err(_) => format!("nothing within {REQUEST_TIMEOUT:?}"),
+    };
+    if request.trim() != DRAIN_REQUEST {
+        debug!(%request, "ignoring malformed control request");
+        let _ = channel.send("error: expected 'drain'").await;
         return;
     }
     // The supervisor may already be gone (the app exited): the phase below says so.
@@ -161,7 +170,7 @@ async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::R
         Ok(_) => REPLY_DRAINED,
         Err(_) => REPLY_APP_EXITED,
     };
-    let _ = write.write_all(format!("{reply}\n").as_bytes()).await;
+    let _ = channel.send(reply).await;
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use futures_util::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
 use tracing::{error, info};
 
@@ -60,11 +60,13 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
 }
 
 /// Sends the request; returns drainit's answer, or "" if the channel closed without one.
-async fn request_drain(mut stream: UnixStream) -> String {
-    let request = format!("{}\n", control::DRAIN_REQUEST);
-    let mut line = String::new();
-    if stream.write_all(request.as_bytes()).await.is_ok() {
-        let _ = BufReader::new(stream).read_line(&mut line).await;
+async fn request_drain(stream: UnixStream) -> String {
+    let mut channel = control::lines(stream);
+    if channel.send(control::DRAIN_REQUEST).await.is_err() {
+        return String::new();
     }
-    line.trim().to_owned()
+    match channel.next().await {
+        Some(Ok(line)) => line.trim().to_owned(),
+        _ => String::new(),
+    }
 }

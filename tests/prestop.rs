@@ -196,3 +196,28 @@ fn a_socket_file_control_channel_works_too() {
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn a_malformed_control_request_is_refused_and_starts_no_drain() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixStream};
+
+    let mut drainit = Drainit::demo(&["--drain-delay", "300ms"], &[]);
+    let name = drainit.control.strip_prefix('@').unwrap().to_owned();
+    for request in ["stop\n".to_owned(), format!("{}\n", "drain".repeat(40))] {
+        let addr = SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+        let mut stream = UnixStream::connect_addr(&addr).unwrap();
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reply = String::new();
+        BufReader::new(stream).read_line(&mut reply).unwrap();
+        assert_eq!(reply, "error: expected 'drain'\n", "for {request:?}");
+    }
+    assert_eq!(
+        drainit.get("/ready").0,
+        200,
+        "a bad request started a drain"
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
