@@ -17,6 +17,9 @@ pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // A write that fails (the log reader is gone) is otherwise reported with eprintln!,
+        // which panics, and again from the panic hook: an abort that would orphan the app.
+        .log_internal_errors(false)
         .with_target(false);
     match args.log_format {
         LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
@@ -31,10 +34,10 @@ pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// A panic in one task (the probe server, a watcher) unwinds that task only: drainit and the
-/// app carry on. Say so in the log, in its format, rather than as raw text on stderr.
+/// A panic unwinds its own task only (panic = "unwind"). Log it in the log's format rather than
+/// as raw text on stderr.
 fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
-        tracing::error!(panic = %info, "a drainit task panicked; drainit and the app carry on without it");
+        tracing::error!(panic = %info, "drainit bug: a task panicked");
     }));
 }

@@ -240,3 +240,33 @@ fn environment_variables_configure_and_flags_win() {
     drainit.signal(Signal::SIGINT);
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn losing_the_log_reader_neither_kills_drainit_nor_orphans_the_app() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let mut child = Command::new(common::drainit_bin())
+        .args(["--health-listen", "127.0.0.1:0", "--control"])
+        .arg(common::unique_control())
+        .args(["--drain-delay", "200ms", "--", "sh", "-c"])
+        .arg("trap 'echo usr1' USR1; sleep 1 & wait; wait; exit 3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    // The reader is gone: every later log line fails to write (EPIPE).
+    std::thread::sleep(Duration::from_millis(100));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGUSR1,
+    )
+    .unwrap();
+    let status = common::wait_timeout(&mut child, SECS(10)).expect("drainit did not exit");
+    assert_eq!(status.code(), Some(3), "drainit died instead: {status:?}");
+}
