@@ -82,15 +82,18 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
         .enable_all()
         .build()
         .map_err(|e| StartupError::setup(format!("cannot start the async runtime: {e}")))?;
-    match subcommand {
+    let code = match subcommand {
         Some(Command::Prestop(args)) => {
             Ok(runtime.block_on(prestop::run(&shared.control, args.timeout)))
         }
         None => {
-            let config = RunConfig::from_args(run)?;
-            runtime.block_on(supervise(config, shared))
+            RunConfig::from_args(run).and_then(|config| runtime.block_on(supervise(config, shared)))
         }
-    }
+    };
+    // Dropping the runtime would wait, unbounded, for blocking work still in flight (a DNS
+    // lookup of an app check, a socket dump): the app is gone, so drainit must not linger.
+    runtime.shutdown_background();
+    code
 }
 
 /// Sets everything up in the order that leaves nothing half-started on failure, then supervises

@@ -270,3 +270,44 @@ fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
     drainit.log("start-up gate timed out");
     drainit.signal(Signal::SIGINT);
 }
+
+#[test]
+fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::Command;
+
+    // A name server that never answers, seen only by this drainit (its own mount namespace).
+    let silent_dns = std::net::UdpSocket::bind("127.0.0.77:53").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv,
+        "nameserver 127.0.0.77\noptions timeout:30 attempts:1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args(["--mount", "--", "sh", "-c"])
+        .arg(format!(
+            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
+            resolv.display()
+        ))
+        .arg("sh")
+        .arg(common::drainit_bin());
+    let mut drainit = Drainit::start_with(
+        unshare,
+        &["--ready-tcp", "app.example:80", "--ready-timeout", "1s"],
+        &["sh", "-c", "sleep 1; exit 5"],
+    );
+    let exited = drainit.log("app exited");
+    assert_eq!(exited["code"], 5);
+    let started = Instant::now();
+    assert_eq!(drainit.exit_code(SECS(20)), 5);
+    assert!(
+        started.elapsed() < SECS(5),
+        "drainit lingered {:?} after the app exited",
+        started.elapsed()
+    );
+    drop(silent_dns);
+}
