@@ -50,6 +50,7 @@ impl Budget {
 
     /// When the app's process group is SIGKILLed, for a drain that began at `drain_started`.
     pub fn kill_at(&self, drain_started: Instant) -> Instant {
+        // Cannot overflow: durations are capped when parsed (`cli::MAX_DURATION`).
         drain_started + self.grace_period - KILL_MARGIN
     }
 }

@@ -265,10 +265,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     } else {
         humantime::parse_duration(text).map_err(drop)
     };
-    parsed.map_err(|()| {
+    let duration = parsed.map_err(|()| {
         format!("expected a duration like 500ms, 15s, 2m or a number of seconds, got '{text}'")
-    })
+    })?;
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "'{text}' is longer than drainit's limit of 10 years: give a shorter duration"
+        ));
+    }
+    Ok(duration)
 }
+
+/// Far beyond any grace period (Kubernetes' own limit is far lower in practice), and small enough
+/// that deadlines computed from it can never overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// `IP:PORT`, or `:PORT` / `PORT` for all IPv4 interfaces.
 pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
@@ -313,7 +323,17 @@ mod tests {
 
     #[test]
     fn durations_reject_garbage() {
-        for bad in ["", "abc", "15x", "-1", "1..5", "s"] {
+        for bad in [
+            "",
+            "abc",
+            "15x",
+            "-1",
+            "1..5",
+            "s",
+            "11years",
+            "1e30",
+            "300000000000y",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }
     }

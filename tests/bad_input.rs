@@ -99,6 +99,7 @@ fn bad_flags_and_values_are_usage_errors() {
             "expected a duration like 500ms, 15s, 2m",
         ),
         (&["--grace-period=-3s"], "expected a duration"),
+        (&["--grace-period", "300000000000y"], "limit of 10 years"),
         (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
         (&["--stop-signal", "99"], "expected a signal like TERM"),
         (&["--health-listen", "localhost"], "expected IP:PORT"),

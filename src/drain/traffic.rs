@@ -195,7 +195,7 @@ impl QuietPeriod {
             (QuietPeriod::Auto, Some(rate)) if rate > 0.0 => {
                 let chances = (rate * max.as_secs_f64()).max(1.0);
                 let seconds = (chances / MISS_PROBABILITY).ln() / rate;
-                let period = Duration::from_secs_f64(seconds);
+                let period = Duration::try_from_secs_f64(seconds).unwrap_or(max);
                 let clamped = period.clamp(MIN_QUIET, max.max(MIN_QUIET));
                 let why = format!(
                     "auto: {rate:.2} arrivals/s before the drain; a {period:.1?} gap has a 0.1% chance within --drain-max"
