@@ -1,8 +1,10 @@
 //! Starting the app and signalling it. Waiting for it is the reaper's job alone (see reaper.rs).
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, IsTerminal};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 
 use nix::errno::Errno;
@@ -120,7 +122,35 @@ fn send(target: Pid, signal: i32) {
     }
 }
 
-fn spawn_error(program: &OsString, error: io::Error) -> StartupError {
+/// Whether `program` (a path, or a name looked up in PATH as exec does) can be run, for commands
+/// drainit only runs later (`--ready-exec`): the mistake is reported at start-up, not hours on.
+pub fn check_runnable(program: &OsStr) -> io::Result<()> {
+    let bytes = program.as_bytes();
+    if bytes.contains(&b'/') {
+        return check_executable_file(Path::new(program));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    let mut found = Err(io::Error::from_raw_os_error(nix::libc::ENOENT));
+    for dir in std::env::split_paths(&path) {
+        match check_executable_file(&dir.join(program)) {
+            Ok(()) => return Ok(()),
+            // As execvp: a match that cannot be run is reported if nothing later can be.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => found = Err(e),
+            Err(_) => {}
+        }
+    }
+    found
+}
+
+fn check_executable_file(path: &Path) -> io::Result<()> {
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::from_raw_os_error(nix::libc::EACCES));
+    }
+    unistd::access(path, unistd::AccessFlags::X_OK).map_err(io::Error::from)
+}
+
+/// The start-up error for a `program` that cannot be run, with the exit code of a shell.
+pub fn spawn_error(program: &OsStr, error: io::Error) -> StartupError {
     let program = program.to_string_lossy();
     let (code, fix) = match error.kind() {
         io::ErrorKind::NotFound => (

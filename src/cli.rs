@@ -51,10 +51,10 @@ pub struct RunArgs {
           default_value = "0.0.0.0:8099", value_parser = parse_listen_addr)]
     pub health_listen: SocketAddr,
 
-    /// How long the app keeps serving after the drain starts, before it gets the stop signal.
-    #[arg(long, env = "DRAINIT_DRAIN_DELAY", value_name = "DURATION",
-          default_value = "5s", value_parser = parse_duration)]
-    pub drain_delay: Duration,
+    /// How long the app keeps serving after the drain starts, before it gets the stop signal
+    /// [default: 5s].
+    #[arg(long, env = "DRAINIT_DRAIN_DELAY", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_delay: Option<Duration>,
 
     /// The pod's terminationGracePeriodSeconds, counted from the start of the drain. drainit
     /// SIGKILLs the app's process group 1 s before it ends and exits 137.
@@ -83,12 +83,11 @@ pub struct RunArgs {
     )]
     pub drain_watch: Vec<Watcher>,
 
-    /// With --drain-watch: the shortest drain, whatever the watchers say.
-    #[arg(long, env = "DRAINIT_DRAIN_MIN", value_name = "DURATION",
-          default_value = "1s", value_parser = parse_duration)]
-    pub drain_min: Duration,
+    /// With --drain-watch: the shortest drain, whatever the watchers say [default: 1s].
+    #[arg(long, env = "DRAINIT_DRAIN_MIN", value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_min: Option<Duration>,
 
-    /// With --drain-watch: the longest drain [default: the drain delay].
+    /// With --drain-watch: the longest drain, instead of --drain-delay [default: the drain delay].
     #[arg(long, env = "DRAINIT_DRAIN_MAX", value_name = "DURATION", value_parser = parse_duration)]
     pub drain_max: Option<Duration>,
 
@@ -142,15 +141,14 @@ pub struct RunArgs {
     )]
     pub ready_exec: Option<String>,
 
-    /// How often the app check runs; /ready answers from the last result, never waits for one.
-    #[arg(long, env = "DRAINIT_READY_INTERVAL", value_name = "DURATION",
-          default_value = "1s", value_parser = parse_duration)]
-    pub ready_interval: Duration,
+    /// How often the app check runs; /ready answers from the last result, never waits for one
+    /// [default: 1s].
+    #[arg(long, env = "DRAINIT_READY_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_interval: Option<Duration>,
 
-    /// How long one app check may take before it counts as failed.
-    #[arg(long, env = "DRAINIT_READY_TIMEOUT", value_name = "DURATION",
-          default_value = "1s", value_parser = parse_duration)]
-    pub ready_timeout: Duration,
+    /// How long one app check may take before it counts as failed [default: 1s].
+    #[arg(long, env = "DRAINIT_READY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub ready_timeout: Option<Duration>,
 
     /// Ready only after the app check has passed without a break for this long (or, without a
     /// check, this long after the app started).
@@ -165,7 +163,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..))]
     pub ready_after_lb_probes: Option<u32>,
 
-    /// With --ready-after-lb-probes: after this long ready, open the gate anyway (with a warning).
+    /// With --ready-after-lb-probes: after this long ready, open the gate anyway (with a warning)
+    /// [default: 90s].
     #[arg(long, env = "DRAINIT_READY_LB_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub ready_lb_timeout: Option<Duration>,
 
@@ -363,7 +362,7 @@ mod tests {
         let cli = parse(["drainit", "--drain-delay", "1s", "--", "app", "--flag"]).unwrap();
         assert!(cli.subcommand.is_none());
         assert_eq!(cli.run.command, ["app", "--flag"]);
-        assert_eq!(cli.run.drain_delay, Duration::from_secs(1));
+        assert_eq!(cli.run.drain_delay, Some(Duration::from_secs(1)));
     }
 
     #[test]

@@ -10,13 +10,18 @@ use crate::app::AppCommand;
 use crate::budget::Budget;
 use crate::cli::RunArgs;
 use crate::drain::traffic::QuietPeriod;
-use crate::drain::{DrainPolicy, WatchedDrain};
+use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
 use crate::readiness::{AppCheck, ReadinessConfig, StartupGate};
 
 /// How long the start-up gate waits for load balancers by default: two checks at AWS ALB's
 /// default 30 s interval, with room to spare.
 const DEFAULT_LB_GATE_TIMEOUT: Duration = Duration::from_secs(90);
+const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+const DEFAULT_DRAIN_MIN: Duration = Duration::from_secs(1);
+const DEFAULT_LB_UNHEALTHY_THRESHOLD: u32 = 2;
+const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -35,7 +40,16 @@ pub struct RunConfig {
 impl RunConfig {
     pub fn from_args(args: RunArgs) -> Result<Self, StartupError> {
         let drain = drain_policy(&args)?;
-        let budget = Budget::new(args.grace_period, drain.longest(), drain.longest_flag())?;
+        let budget = Budget::new(
+            args.grace_period,
+            drain.longest(),
+            &longest_drain_flag(&args),
+        )?;
+        if args.app_ports.contains(&0) {
+            return Err(StartupError::usage(
+                "--app-port 0 is not a port: give the port the app serves on (1-65535)",
+            ));
+        }
         let readiness = readiness(&args)?;
         let startup_gate = startup_gate(&args)?;
         Ok(Self {
@@ -59,20 +73,43 @@ fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
         (_, _, Some(command)) => Some(AppCheck::exec(command)?),
         _ => None,
     };
-    if args.ready_interval.is_zero() {
+    if check.is_none() {
+        let stray = [
+            ("--ready-interval", args.ready_interval.is_some()),
+            ("--ready-timeout", args.ready_timeout.is_some()),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(StartupError::usage(format!(
+                "{flag} only applies to an app check: add --ready-http, --ready-tcp or --ready-exec (or drop {flag})"
+            )));
+        }
+    }
+    let interval = args.ready_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+    let timeout = args.ready_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
+    if interval.is_zero() {
         return Err(StartupError::usage(
             "--ready-interval 0 would check in a busy loop: use e.g. 1s",
         ));
     }
+    if timeout.is_zero() {
+        return Err(StartupError::usage(
+            "--ready-timeout 0 leaves the check no time to answer: use e.g. 1s",
+        ));
+    }
     Ok(ReadinessConfig {
         check,
-        interval: args.ready_interval,
-        timeout: args.ready_timeout,
+        interval,
+        timeout,
         min_ready: args.min_ready,
     })
 }
 
 fn startup_gate(args: &RunArgs) -> Result<Option<StartupGate>, StartupError> {
+    if args.ready_lb_timeout.is_some_and(|t| t.is_zero()) {
+        return Err(StartupError::usage(
+            "--ready-lb-timeout 0 opens the gate at once: give the load balancers time, e.g. 90s (or drop --ready-after-lb-probes)",
+        ));
+    }
     match (args.ready_after_lb_probes, args.ready_lb_timeout) {
         (Some(probes), timeout) => Ok(Some(StartupGate {
             probes,
@@ -94,8 +131,10 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
             watchers.push(*watcher);
         }
     }
+    let delay = args.drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY);
     if watchers.is_empty() {
         let stray = [
+            ("--drain-min", args.drain_min.is_some()),
             ("--drain-max", args.drain_max.is_some()),
             ("--quiet-period", args.quiet_period.is_some()),
             (
@@ -103,26 +142,81 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
                 args.lb_unhealthy_threshold.is_some(),
             ),
         ];
-        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(StartupError::usage(format!(
-                "{flag} only applies to a watched drain: add --drain-watch traffic,lb-probes (or drop {flag})"
-            )));
-        }
-        return Ok(DrainPolicy::Fixed(args.drain_delay));
+        refuse_stray(
+            &stray,
+            "a watched drain: add --drain-watch traffic,lb-probes",
+        )?;
+        return Ok(DrainPolicy::Fixed(delay));
     }
-    let max = args.drain_max.unwrap_or(args.drain_delay);
-    if args.drain_min > max {
+    refuse_stray(
+        &[(
+            "--quiet-period",
+            args.quiet_period.is_some() && !watchers.contains(&Watcher::Traffic),
+        )],
+        "--drain-watch traffic",
+    )?;
+    refuse_stray(
+        &[(
+            "--lb-unhealthy-threshold",
+            args.lb_unhealthy_threshold.is_some() && !watchers.contains(&Watcher::LbProbes),
+        )],
+        "--drain-watch lb-probes",
+    )?;
+    if args.drain_delay.is_some() && args.drain_max.is_some() {
+        return Err(StartupError::usage(
+            "--drain-delay and --drain-max both set the longest watched drain: keep --drain-max (or drop --drain-watch for a fixed delay)",
+        ));
+    }
+    let max = args.drain_max.unwrap_or(delay);
+    let min = args.drain_min.unwrap_or(DEFAULT_DRAIN_MIN);
+    let max_flag = longest_drain_flag(args);
+    if min > max {
         return Err(StartupError::usage(format!(
-            "--drain-min {} is longer than --drain-max {}: raise --drain-max (default: the drain delay) or lower --drain-min",
-            humantime::format_duration(args.drain_min),
-            humantime::format_duration(max),
+            "--drain-min {} is longer than {max_flag} {}: raise {max_flag} or lower --drain-min",
+            secs(min),
+            secs(max),
+        )));
+    }
+    let quiet_period = args.quiet_period.unwrap_or(QuietPeriod::Auto);
+    if let QuietPeriod::Fixed(quiet) = quiet_period
+        && quiet > max
+    {
+        return Err(StartupError::usage(format!(
+            "--quiet-period {} is longer than {max_flag} {}: traffic could never count as quiet; lower it or use auto",
+            secs(quiet),
+            secs(max),
         )));
     }
     Ok(DrainPolicy::Watched(WatchedDrain {
         watchers,
-        min: args.drain_min,
+        min,
         max,
-        quiet_period: args.quiet_period.unwrap_or(QuietPeriod::Auto),
-        lb_unhealthy_threshold: args.lb_unhealthy_threshold.unwrap_or(2),
+        quiet_period,
+        lb_unhealthy_threshold: args
+            .lb_unhealthy_threshold
+            .unwrap_or(DEFAULT_LB_UNHEALTHY_THRESHOLD),
     }))
+}
+
+/// The flag that sets the longest drain, as the user gave it: a watched drain's `--drain-max`
+/// defaults to `--drain-delay`, and an error should name the flag they actually set.
+fn longest_drain_flag(args: &RunArgs) -> String {
+    match (args.drain_watch.is_empty(), args.drain_max.is_some()) {
+        (false, true) => "--drain-max".into(),
+        _ => "--drain-delay".into(),
+    }
+}
+
+/// An option given where it has no effect is an error, never silently ignored.
+fn refuse_stray(options: &[(&str, bool)], applies_to: &str) -> Result<(), StartupError> {
+    match options.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(StartupError::usage(format!(
+            "{flag} only applies to {applies_to} (or drop {flag})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn secs(duration: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(duration)
 }

@@ -168,13 +168,6 @@ impl DrainPolicy {
     }
 
     /// The command-line flag that sets `longest`, for error messages.
-    pub fn longest_flag(&self) -> &'static str {
-        match self {
-            DrainPolicy::Fixed(_) => "--drain-delay",
-            DrainPolicy::Watched(_) => "--drain-max",
-        }
-    }
-
     pub fn watches(&self, watcher: Watcher) -> bool {
         matches!(self, DrainPolicy::Watched(w) if w.watchers.contains(&watcher))
     }

@@ -23,6 +23,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::app;
 use crate::drain::lb_probes::Checkers;
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
@@ -59,13 +60,23 @@ impl AppCheck {
         if uri.host().is_none_or(str::is_empty) {
             return Err(bad("no host"));
         }
+        // The URI parser drops a port it cannot read (99999), which would mean port 80.
+        let authority = uri.authority().map_or("", |a| a.as_str());
+        let after_host = authority
+            .rsplit_once(']')
+            .map_or(authority, |(_, rest)| rest);
+        if let Some((_, port)) = after_host.rsplit_once(':')
+            && !port.parse::<u16>().is_ok_and(|p| p > 0)
+        {
+            return Err(bad("the port must be 1-65535"));
+        }
         Ok(AppCheck::Http(uri))
     }
 
     pub fn tcp(target: &str) -> Result<Self, StartupError> {
-        let valid = target
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        let valid = target.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+        });
         if !valid {
             return Err(StartupError::usage(format!(
                 "invalid --ready-tcp '{target}': expected HOST:PORT, e.g. 127.0.0.1:5432"
@@ -83,9 +94,15 @@ impl AppCheck {
                 "--ready-exec is empty: give the check command, e.g. --ready-exec '/app/check --ready'",
             ));
         }
-        Ok(AppCheck::Exec(
-            words.into_iter().map(OsString::from).collect(),
-        ))
+        let argv: Vec<OsString> = words.into_iter().map(OsString::from).collect();
+        app::check_runnable(&argv[0]).map_err(|e| {
+            let error = app::spawn_error(&argv[0], e);
+            StartupError {
+                message: format!("--ready-exec: {}", error.message),
+                ..error
+            }
+        })?;
+        Ok(AppCheck::Exec(argv))
     }
 
     pub fn kind(&self) -> &'static str {
@@ -392,17 +409,20 @@ mod tests {
             "127.0.0.1:8080/healthz",
             "http:///x",
             "not a url",
+            "http://127.0.0.1:99999/",
+            "http://[::1]:0/",
         ] {
             assert!(AppCheck::http(bad).is_err(), "{bad}");
         }
         assert!(AppCheck::tcp("localhost:5432").is_ok());
-        for bad in ["localhost", ":80", "host:http", "host:99999"] {
+        for bad in ["localhost", ":80", "host:http", "host:99999", "host:0"] {
             assert!(AppCheck::tcp(bad).is_err(), "{bad}");
         }
         assert_eq!(
-            AppCheck::exec("/app/check --name 'a b'").unwrap(),
-            AppCheck::Exec(vec!["/app/check".into(), "--name".into(), "a b".into()])
+            AppCheck::exec("true --name 'a b'").unwrap(),
+            AppCheck::Exec(vec!["true".into(), "--name".into(), "a b".into()])
         );
+        assert_eq!(AppCheck::exec("/no/such/check").unwrap_err().code, 127);
         assert!(AppCheck::exec("  ").is_err());
         assert!(AppCheck::exec("unterminated 'quote").is_err());
     }

@@ -163,6 +163,50 @@ fn watched_drain_options_are_checked() {
         2,
         "--quiet-period only applies to a watched drain",
     );
+    for (args, says) in [
+        (
+            &["--drain-min", "40s"][..],
+            "--drain-min only applies to a watched drain",
+        ),
+        (
+            &["--drain-watch", "lb-probes", "--quiet-period", "2s"],
+            "--quiet-period only applies to --drain-watch traffic",
+        ),
+        (
+            &["--drain-watch", "traffic", "--lb-unhealthy-threshold", "3"],
+            "--lb-unhealthy-threshold only applies to --drain-watch lb-probes",
+        ),
+        (
+            &[
+                "--drain-watch",
+                "traffic",
+                "--drain-max",
+                "3s",
+                "--quiet-period",
+                "10s",
+            ],
+            "traffic could never count as quiet",
+        ),
+        (
+            &[
+                "--drain-watch",
+                "traffic",
+                "--drain-delay",
+                "20s",
+                "--drain-max",
+                "10s",
+            ],
+            "--drain-delay and --drain-max both set the longest watched drain",
+        ),
+        // --drain-max defaults to --drain-delay: the error names the flag the user set.
+        (
+            &["--drain-watch", "traffic", "--drain-delay", "40s"],
+            "use --drain-delay 28s or less",
+        ),
+        (&["--app-port", "0"], "--app-port 0 is not a port"),
+    ] {
+        assert_refused(args, 2, says);
+    }
 }
 
 #[test]
@@ -188,7 +232,38 @@ fn readiness_options_are_checked() {
         2,
         "cannot be used with",
     );
-    assert_refused(&["--ready-interval", "0"], 2, "busy loop");
+    assert_refused(
+        &["--ready-tcp", "a:1", "--ready-interval", "0"],
+        2,
+        "busy loop",
+    );
+    assert_refused(
+        &["--ready-tcp", "a:1", "--ready-timeout", "0"],
+        2,
+        "no time to answer",
+    );
+    assert_refused(
+        &["--ready-timeout", "2s"],
+        2,
+        "only applies to an app check",
+    );
+    assert_refused(&["--ready-tcp", "a:0"], 2, "expected HOST:PORT");
+    assert_refused(
+        &["--ready-http", "http://127.0.0.1:99999/"],
+        2,
+        "the port must be 1-65535",
+    );
+    assert_refused(
+        &["--ready-exec", "/nonexistent/check"],
+        127,
+        "--ready-exec: cannot run",
+    );
+    assert_refused(&["--ready-exec", "/etc/passwd --ready"], 126, "chmod +x");
+    assert_refused(
+        &["--ready-after-lb-probes", "2", "--ready-lb-timeout", "0s"],
+        2,
+        "opens the gate at once",
+    );
     assert_refused(
         &["--ready-lb-timeout", "10s"],
         2,
