@@ -7,6 +7,7 @@
 use std::fmt;
 use std::io;
 use std::os::linux::net::SocketAddrExt;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixListener as StdUnixListener};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -82,13 +83,14 @@ impl ControlAddr {
     }
 
     /// Binds the listener. A socket file left behind by a drainit that died is replaced; a live
-    /// one (another drainit in this pod) is an error, so two wrappers never share a channel.
+    /// one (another drainit in this pod) is an error, so two wrappers never share a channel, and
+    /// anything but a socket is never touched.
     pub fn bind(&self) -> Result<UnixListener, StartupError> {
         let bound =
             StdUnixListener::bind_addr(&self.socket_addr().map_err(|e| self.bind_error(e))?);
         let listener = match (bound, self) {
             (Err(e), Self::Path(path))
-                if e.kind() == io::ErrorKind::AddrInUse && self.is_stale() =>
+                if e.kind() == io::ErrorKind::AddrInUse && is_socket(path) && self.is_stale() =>
             {
                 std::fs::remove_file(path).map_err(|e| self.bind_error(e))?;
                 StdUnixListener::bind_addr(&self.socket_addr().map_err(|e| self.bind_error(e))?)
@@ -100,6 +102,15 @@ impl ControlAddr {
             .set_nonblocking(true)
             .map_err(|e| self.bind_error(e))?;
         UnixListener::from_std(listener).map_err(|e| self.bind_error(e))
+    }
+
+    /// Removes the socket file (not an abstract name, which goes with the process).
+    pub fn remove_socket_file(&self) {
+        if let Self::Path(path) = self
+            && is_socket(path)
+        {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     fn is_stale(&self) -> bool {
@@ -118,7 +129,9 @@ impl ControlAddr {
     }
 
     fn bind_error(&self, error: io::Error) -> StartupError {
-        let fix = if error.kind() == io::ErrorKind::AddrInUse {
+        let fix = if matches!(self, Self::Path(path) if path.exists() && !is_socket(path)) {
+            "a file that is not a socket is in the way: pick another --control path"
+        } else if error.kind() == io::ErrorKind::AddrInUse {
             "another drainit already runs in this pod: give each one its own --control"
         } else {
             "pick another --control (an @name needs no filesystem)"
@@ -127,6 +140,10 @@ impl ControlAddr {
             "cannot listen on control socket {self}: {error} ({fix})"
         ))
     }
+}
+
+fn is_socket(path: &std::path::Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 /// Answers `drainit prestop` connections: each one asks for the drain and is answered when it is

@@ -138,7 +138,9 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         drain_requests: drain_rx,
         readiness,
     };
-    Ok(supervisor.run(inputs).await)
+    let code = supervisor.run(inputs).await;
+    shared.control.remove_socket_file();
+    Ok(code)
 }
 
 /// Starts the app check, whose verdicts the supervisor applies; with nothing to wait for, the

@@ -324,6 +324,19 @@ fn a_control_socket_in_use_fails_before_the_app_starts() {
 }
 
 #[test]
+fn a_control_path_that_is_not_a_socket_is_never_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    std::fs::write(&file, "keep me").unwrap();
+    assert_refused(
+        &["--control", file.to_str().unwrap()],
+        71,
+        "a file that is not a socket is in the way",
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep me");
+}
+
+#[test]
 fn help_and_version_exit_0() {
     for flag in ["--help", "--version"] {
         let output = Command::new(drainit_bin()).arg(flag).output().unwrap();

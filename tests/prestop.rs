@@ -195,6 +195,10 @@ fn a_socket_file_control_channel_works_too() {
     );
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(5)), 0);
+    assert!(
+        !std::path::Path::new(path).exists(),
+        "drainit left its socket file behind"
+    );
 }
 
 #[test]
