@@ -13,10 +13,17 @@ use signal_hook_tokio::Signals;
 /// The signal that starts the drain (what the kubelet and `docker stop` send).
 pub const DRAIN_TRIGGER: i32 = sig::SIGTERM;
 
-/// Forwarded to the app at any time. SIGKILL and SIGSTOP cannot be caught; SIGSEGV, SIGBUS, SIGILL,
-/// SIGFPE, SIGTRAP, SIGABRT and SIGSYS report drainit's own faults and are left alone; SIGPIPE is
-/// drainit's own broken pipes.
-const FORWARDED: [i32; 18] = [
+/// Forwarded to the app at any time. SIGKILL and SIGSTOP cannot be caught; SIGSEGV, SIGBUS, SIGILL
+/// and SIGFPE report drainit's own faults (a handler that returns would fault again) and are left
+/// alone; SIGPIPE is drainit's own broken pipes. SIGABRT, SIGSYS and SIGTRAP are caught although
+/// tini leaves them: sent with kill(2) they are meant for the app (Go dumps its goroutines on
+/// SIGABRT), and drainit raising one itself still ends it (abort() re-raises with the default
+/// action; drainit sets no seccomp filter and no breakpoints).
+const FORWARDED: [i32; 22] = [
+    sig::SIGABRT,
+    sig::SIGSYS,
+    sig::SIGTRAP,
+    nix::libc::SIGSTKFLT,
     sig::SIGHUP,
     sig::SIGINT,
     sig::SIGQUIT,

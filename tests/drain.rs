@@ -270,3 +270,23 @@ fn losing_the_log_reader_neither_kills_drainit_nor_orphans_the_app() {
     let status = common::wait_timeout(&mut child, SECS(10)).expect("drainit did not exit");
     assert_eq!(status.code(), Some(3), "drainit died instead: {status:?}");
 }
+
+#[test]
+fn abrt_sys_trap_and_stkflt_reach_the_app_and_do_not_kill_drainit() {
+    let script = "for s in ABRT SYS TRAP STKFLT; do trap \"echo got-$s\" $s; done; \
+                  echo trapped; while :; do sleep 0.05; done";
+    let mut drainit = Drainit::start(&["--drain-delay", "0"], &["bash", "-c", script]);
+    drainit.app_line("trapped");
+    for (signal, name) in [
+        (Signal::SIGABRT, "ABRT"),
+        (Signal::SIGSYS, "SYS"),
+        (Signal::SIGTRAP, "TRAP"),
+        (Signal::SIGSTKFLT, "STKFLT"),
+    ] {
+        drainit.signal(signal);
+        drainit.app_line(&format!("got-{name}"));
+    }
+    assert_eq!(drainit.get("/alive").0, 200);
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(5)), 128 + 15);
+}
