@@ -48,7 +48,7 @@ pub enum Command {
 pub struct RunArgs {
     /// Where the probe server (/alive, /ready) listens: IP:PORT, :PORT or PORT.
     #[arg(long, env = "DRAINIT_HEALTH_LISTEN", value_name = "ADDR",
-          default_value = "0.0.0.0:8099", value_parser = parse_listen_addr)]
+          default_value = "[::]:8099", value_parser = parse_listen_addr)]
     pub health_listen: SocketAddr,
 
     /// How long the app keeps serving after the drain starts, before it gets the stop signal
@@ -279,12 +279,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// that deadlines computed from it can never overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-/// `IP:PORT`, or `:PORT` / `PORT` for all IPv4 interfaces.
+/// `IP:PORT`, or `:PORT` / `PORT` for all interfaces: `[::]`, which takes IPv4 as well (and falls
+/// back to `0.0.0.0` where the pod has no IPv6).
 pub fn parse_listen_addr(text: &str) -> Result<SocketAddr, String> {
     let text = text.trim();
     let port_only = text.strip_prefix(':').unwrap_or(text);
     if let Ok(port) = port_only.parse::<u16>() {
-        return Ok(SocketAddr::from(([0, 0, 0, 0], port)));
+        return Ok(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)));
     }
     text.parse().map_err(|_| {
         format!(
@@ -339,14 +340,8 @@ mod tests {
 
     #[test]
     fn listen_addresses() {
-        assert_eq!(
-            parse_listen_addr("8099").unwrap().to_string(),
-            "0.0.0.0:8099"
-        );
-        assert_eq!(
-            parse_listen_addr(":8099").unwrap().to_string(),
-            "0.0.0.0:8099"
-        );
+        assert_eq!(parse_listen_addr("8099").unwrap().to_string(), "[::]:8099");
+        assert_eq!(parse_listen_addr(":8099").unwrap().to_string(), "[::]:8099");
         assert_eq!(parse_listen_addr("[::]:9").unwrap().to_string(), "[::]:9");
         assert_eq!(
             parse_listen_addr("127.0.0.1:1").unwrap().to_string(),

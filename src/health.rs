@@ -6,7 +6,7 @@
 //! neither exhaust drainit nor hold up the supervisor's signal handling and reaping.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -44,9 +44,23 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
             "cannot listen for probes on {addr}: {e} (pick a free port with --health-listen and point the probes at it)"
         ))
     };
-    let listener = std::net::TcpListener::bind(addr).map_err(fail)?;
+    let listener = match std::net::TcpListener::bind(addr) {
+        // "All interfaces" is [::], which takes IPv4 too; a pod without IPv6 gets 0.0.0.0.
+        Err(e) if addr == SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port())) && no_ipv6(&e) => {
+            std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port()))
+        }
+        bound => bound,
+    }
+    .map_err(fail)?;
     listener.set_nonblocking(true).map_err(fail)?;
     TcpListener::from_std(listener).map_err(fail)
+}
+
+fn no_ipv6(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EAFNOSUPPORT | nix::libc::EADDRNOTAVAIL)
+    )
 }
 
 pub fn announce(listener: &TcpListener) {
@@ -124,7 +138,11 @@ pub async fn serve(
         let (state, observers, context) = (state.clone(), observers.clone(), context.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| {
-                let response = handle(&request, peer.ip(), *state.borrow(), &observers, &context);
+                // Copied out first: the watch channel's read lock is not held while answering.
+                let current = *state.borrow();
+                // On the dual-stack listener an IPv4 checker shows as ::ffff:a.b.c.d.
+                let checker = peer.ip().to_canonical();
+                let response = handle(&request, checker, current, &observers, &context);
                 async move { Ok::<_, Infallible>(response) }
             });
             let served = http1::Builder::new()

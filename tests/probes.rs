@@ -4,10 +4,10 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Drainit, http_request, time_until};
+use common::{Drainit, http_get, http_request, time_until};
 use nix::sys::signal::Signal;
 
 fn request(drainit: &Drainit, raw: &str) -> (u16, String) {
@@ -116,4 +116,17 @@ fn probes_answer_fast() {
     // Generous bound for a debug build on a shared machine; the release numbers are in the report.
     assert!(each < Duration::from_millis(20), "{each:?} per probe");
     drainit.signal(Signal::SIGINT);
+}
+
+#[test]
+fn all_interfaces_means_ipv4_and_ipv6() {
+    let drainit = Drainit::start(&["--health-listen", ":0"], &["sleep", "30"]);
+    assert!(drainit.health.ip().is_unspecified() && drainit.health.is_ipv6());
+    let port = drainit.health.port();
+    for ip in [
+        IpAddr::from([127, 0, 0, 1]),
+        IpAddr::from(Ipv6Addr::LOCALHOST),
+    ] {
+        assert_eq!(http_get(SocketAddr::new(ip, port), "/ready").0, 200, "{ip}");
+    }
 }
