@@ -290,3 +290,21 @@ fn abrt_sys_trap_and_stkflt_reach_the_app_and_do_not_kill_drainit() {
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(5)), 128 + 15);
 }
+
+#[test]
+fn requests_after_the_stop_signal_are_logged_as_late_arrivals() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "200ms", "--grace-period", "10s"],
+        &["--ignore-term"],
+    );
+    let app = app_addr(&mut drainit);
+    drainit.signal(Signal::SIGTERM);
+    drainit.app_line("demo-app: signal TERM");
+    // Past the first readings after the stop signal, which may hold earlier arrivals.
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(http_get(app, "/").0, 200, "the app stopped serving");
+    let late = drainit.log("late arrival");
+    assert!(late["events"].as_u64().unwrap() >= 1, "{late}");
+    drainit.signal(Signal::SIGINT);
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}

@@ -55,9 +55,16 @@ pub struct Traffic {
     pub last_activity: Option<Instant>,
     /// When a kernel counter was last read: quiet is only vouched for up to then.
     last_observed: Option<Instant>,
+    /// When the connection counter and the app's sockets were last read.
+    counter_read: Option<Instant>,
+    sockets_read: Option<Instant>,
+    /// When the watcher learned the app got its stop signal.
+    stopped_at: Option<Instant>,
     pub last_new_connection: Option<Instant>,
     pub open_connections: usize,
-    /// Events seen since the stop signal: requests that arrived after the drain ended.
+    /// Events that surely came after the stop signal: requests that arrived after the drain
+    /// ended. Only readings whose previous reading was already after the stop count: the first
+    /// one after it also holds what arrived just before.
     pub late_events: u64,
     pub started: Instant,
     /// Why the watcher cannot see everything, if so.
@@ -73,6 +80,9 @@ impl Traffic {
             events: VecDeque::new(),
             last_activity: None,
             last_observed: None,
+            counter_read: None,
+            sockets_read: None,
+            stopped_at: None,
             last_new_connection: None,
             open_connections: 0,
             late_events: 0,
@@ -84,9 +94,16 @@ impl Traffic {
     /// Takes in one observation made at `at`; returns how many events (new connections, and
     /// connections that received bytes) it shows.
     pub fn observe(&mut self, observation: Observation, at: Instant) -> u32 {
-        if observation.passive_opens.is_some() || observation.connections.is_some() {
+        let read_counter = observation.passive_opens.is_some();
+        let read_sockets = observation.connections.is_some();
+        if read_counter || read_sockets {
             self.last_observed = Some(at);
         }
+        let counter_window_after_stop = self.after_stop(self.counter_read);
+        let sockets_window_after_stop = self.after_stop(self.sockets_read);
+        let counted_by = |window_after_stop: bool, events: u64| {
+            if window_after_stop { events } else { 0 }
+        };
         let mut new_connections = 0u64;
         if let Some(opens) = observation.passive_opens {
             let app_accepts = opens.saturating_sub(observation.own_accepts);
@@ -114,6 +131,19 @@ impl Traffic {
             self.open_connections = connections.len();
             self.bytes_by_socket = current;
         }
+        let new_connections_window = if read_counter {
+            counter_window_after_stop
+        } else {
+            sockets_window_after_stop
+        };
+        self.late_events += counted_by(new_connections_window, new_connections)
+            + counted_by(sockets_window_after_stop, receiving);
+        if read_counter {
+            self.counter_read = Some(at);
+        }
+        if read_sockets {
+            self.sockets_read = Some(at);
+        }
         let events = u32::try_from(new_connections + receiving).unwrap_or(u32::MAX);
         if new_connections > 0 {
             self.last_new_connection = Some(at);
@@ -130,6 +160,15 @@ impl Traffic {
             self.events.pop_front();
         }
         events
+    }
+
+    /// The app got its stop signal (first call wins): arrivals from now on are late.
+    pub fn mark_stopped(&mut self, at: Instant) {
+        self.stopped_at.get_or_insert(at);
+    }
+
+    fn after_stop(&self, reading: Option<Instant>) -> bool {
+        matches!((self.stopped_at, reading), (Some(stop), Some(read)) if read >= stop)
     }
 
     /// Events per second over the window before `until`, if enough were seen to say.
@@ -244,6 +283,10 @@ pub async fn monitor(
             drain_started,
             ..
         } = *state.borrow_and_update();
+        if matches!(current, Phase::Stopping) {
+            // Before this iteration's readings are taken: see `Traffic::late_events`.
+            lock(&traffic).mark_stopped(Instant::now());
+        }
         let cadence = if current.drain_has_started() {
             DURING_DRAIN
         } else {
@@ -276,12 +319,16 @@ pub async fn monitor(
         if dump_sockets {
             sockets_read = Some(Instant::now());
         }
-        let events = lock(&traffic).observe(observation, Instant::now());
-        if events > 0 && matches!(current, Phase::Stopping) {
-            lock(&traffic).late_events += u64::from(events);
-            metrics.late_arrivals(u64::from(events));
+        let late = {
+            let mut traffic = lock(&traffic);
+            let late_before = traffic.late_events;
+            traffic.observe(observation, Instant::now());
+            traffic.late_events - late_before
+        };
+        if late > 0 {
+            metrics.late_arrivals(late);
             warn!(
-                events,
+                events = late,
                 elapsed_ms = drain_started.map(|t| t.elapsed().as_millis() as u64),
                 "late arrival: requests reached the app after its stop signal (the drain ended too early)"
             );
@@ -461,6 +508,23 @@ mod tests {
         assert_eq!(traffic.quiet_for(t0), MS(100));
         traffic.observe(obs(5, 0, vec![conn(1, 180), conn(2, 100)]), t0 + MS(1200));
         assert_eq!(traffic.quiet_for(t0), MS(1100));
+    }
+
+    #[test]
+    fn only_arrivals_surely_after_the_stop_signal_are_late() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        traffic.observe(obs(5, 0, vec![conn(1, 100)]), t0);
+        traffic.mark_stopped(t0 + MS(50));
+        // Readings straddling the stop: a request just before it is not late.
+        traffic.observe(obs(6, 0, vec![conn(1, 150)]), t0 + MS(100));
+        assert_eq!(traffic.late_events, 0);
+        // A new connection, the previous counter reading having been after the stop.
+        traffic.observe(obs(7, 0, vec![conn(1, 150)]), t0 + MS(200));
+        assert_eq!(traffic.late_events, 1);
+        // Bytes on a kept-alive connection, previous socket reading after the stop.
+        traffic.observe(obs(7, 0, vec![conn(1, 200)]), t0 + MS(300));
+        assert_eq!(traffic.late_events, 2);
     }
 
     #[test]
