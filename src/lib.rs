@@ -25,6 +25,7 @@ pub mod status;
 pub mod supervisor;
 pub mod tcp;
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -65,7 +66,12 @@ pub fn main() -> ExitCode {
     let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            error!(exit_code = e.code, "{e}");
+            if tracing::enabled!(tracing::Level::ERROR) {
+                error!(exit_code = e.code, "{e}");
+            } else {
+                // Even with --log-level off, why nothing started must be said.
+                let _ = writeln!(std::io::stderr(), "drainit: {e}");
+            }
             e.code
         }
     };

@@ -98,8 +98,27 @@ pub fn parse_signal(text: &str) -> Result<Signal, String> {
             Signal::from_str(&format!("SIG{name}")).ok()
         }
     };
-    parsed.ok_or_else(|| format!("expected a signal like TERM, SIGQUIT or 15, got '{text}'"))
+    let signal = parsed
+        .ok_or_else(|| format!("expected a signal like TERM, SIGQUIT or 15, got '{text}'"))?;
+    if NEVER_STOPS.contains(&signal) {
+        return Err(format!(
+            "{} suspends, resumes or is ignored by default and cannot ask the app to stop: use TERM, QUIT, INT or the signal your app shuts down on",
+            signal.as_str()
+        ));
+    }
+    Ok(signal)
 }
+
+/// Signals that cannot ask an app to shut down: with one of these as the stop signal, every
+/// drain would end in the budget kill.
+const NEVER_STOPS: [Signal; 6] = [
+    Signal::SIGSTOP,
+    Signal::SIGTSTP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGCONT,
+    Signal::SIGCHLD,
+];
 
 /// `SIGHUP`, or `SIGRTMIN+3` for real-time signals, for logs.
 pub fn name(signal: i32) -> String {
@@ -120,6 +139,9 @@ mod tests {
         assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT));
         assert_eq!(parse_signal("winch"), Ok(Signal::SIGWINCH));
         assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM));
+        for never_stops in ["STOP", "SIGTSTP", "CONT", "CHLD", "19"] {
+            assert!(parse_signal(never_stops).is_err(), "{never_stops}");
+        }
         assert!(parse_signal("NOPE").is_err());
         assert!(parse_signal("0").is_err());
         assert!(parse_signal("99").is_err());

@@ -75,6 +75,12 @@ fn command_not_found_is_127() {
         "cannot run '/nonexistent/app'",
     );
     assert_output(&["--", "no-such-command-anywhere"], 127, "No such file");
+    // Silencing the log does not silence why nothing started.
+    assert_output(
+        &["--log-level", "off", "--", "/nonexistent/app"],
+        127,
+        "cannot run '/nonexistent/app'",
+    );
 }
 
 #[test]
@@ -102,6 +108,7 @@ fn bad_flags_and_values_are_usage_errors() {
         (&["--grace-period", "300000000000y"], "limit of 10 years"),
         (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
         (&["--stop-signal", "99"], "expected a signal like TERM"),
+        (&["--stop-signal", "STOP"], "cannot ask the app to stop"),
         (&["--health-listen", "localhost"], "expected IP:PORT"),
         (&["--health-listen", "1.2.3.4:70000"], "expected IP:PORT"),
         (&["--control", "@"], "expected @name"),
