@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::cli::format_duration;
 use crate::exit::StartupError;
 
 /// drainit kills the app's group this long before the grace period ends.
@@ -28,21 +29,23 @@ impl Budget {
         if longest_drain + reserved <= grace_period {
             return Ok(Self { grace_period });
         }
-        let grace = secs(grace_period);
-        let needed = secs(longest_drain + reserved);
+        let grace = format_duration(grace_period);
+        // terminationGracePeriodSeconds takes whole seconds.
+        let needed = (longest_drain + reserved).as_millis().div_ceil(1000);
+        let needed = format_duration(Duration::from_secs(needed as u64));
         let message = match grace_period.checked_sub(reserved) {
             Some(max_drain) => format!(
                 "{drain_flag} {} leaves the app no time to stop inside --grace-period {grace}: \
                  use {drain_flag} {} or less, or --grace-period {needed} or more (and the same \
                  terminationGracePeriodSeconds)",
-                secs(longest_drain),
-                secs(max_drain),
+                format_duration(longest_drain),
+                format_duration(max_drain),
             ),
             None => format!(
                 "--grace-period {grace} is too short: drainit kills the app {} before it ends and \
                  the app needs {} to stop; use --grace-period {needed} or more",
-                secs(KILL_MARGIN),
-                secs(MIN_STOP_TIME),
+                format_duration(KILL_MARGIN),
+                format_duration(MIN_STOP_TIME),
             ),
         };
         Err(StartupError::usage(message))
@@ -53,10 +56,6 @@ impl Budget {
         // Cannot overflow: durations are capped when parsed (`cli::MAX_DURATION`).
         drain_started + self.grace_period - KILL_MARGIN
     }
-}
-
-fn secs(duration: Duration) -> String {
-    humantime::format_duration(duration).to_string()
 }
 
 #[cfg(test)]

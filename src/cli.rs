@@ -69,7 +69,8 @@ pub struct RunArgs {
 
     /// Forward signals to the app's whole process group instead of the app alone (the final
     /// SIGKILL always hits the whole group).
-    #[arg(long, env = "DRAINIT_GROUP")]
+    #[arg(long, env = "DRAINIT_GROUP", action = clap::ArgAction::SetTrue,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub group: bool,
 
     /// End the drain when these watchers report it done, instead of after the fixed drain delay:
@@ -239,9 +240,7 @@ fn one_line_error(error: clap::Error) -> StartupError {
     let first = lines.next().unwrap_or("bad command line");
     let first = first.strip_prefix("error: ").unwrap_or(first);
     let fix = match error.kind() {
-        ErrorKind::UnknownArgument => {
-            "see drainit --help; the app's own flags go after --".to_owned()
-        }
+        ErrorKind::UnknownArgument => unknown_argument_fix(&error),
         _ => lines
             .find_map(|l| l.strip_prefix("tip: "))
             .map_or_else(|| "see drainit --help".to_owned(), str::to_owned),
@@ -249,6 +248,21 @@ fn one_line_error(error: clap::Error) -> StartupError {
     StartupError {
         code: exit::USAGE,
         message: format!("{first} ({fix})"),
+    }
+}
+
+fn unknown_argument_fix(error: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let arg = match error.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(arg)) => arg.as_str(),
+        _ => "",
+    };
+    if arg.starts_with('-') && arg[1..].starts_with(|c: char| c.is_ascii_digit()) {
+        "durations, ports and counts cannot be negative".to_owned()
+    } else if !arg.is_empty() && !arg.starts_with('-') {
+        format!("put the app after --, e.g. drainit [OPTIONS] -- {arg} ...")
+    } else {
+        "see drainit --help; the app's own flags go after --".to_owned()
     }
 }
 
@@ -273,6 +287,15 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         ));
     }
     Ok(duration)
+}
+
+/// A duration as a user would type it back on the command line: `28s`, `28500ms`.
+pub fn format_duration(duration: Duration) -> String {
+    if duration.subsec_millis() == 0 {
+        format!("{}s", duration.as_secs())
+    } else {
+        format!("{}ms", duration.as_millis())
+    }
 }
 
 /// Far beyond any grace period (Kubernetes' own limit is far lower in practice), and small enough
@@ -319,6 +342,14 @@ mod tests {
         assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn durations_print_as_they_are_typed() {
+        for text in ["0s", "28s", "28500ms", "120s", "300ms"] {
+            let duration = parse_duration(text).unwrap();
+            assert_eq!(format_duration(duration), text);
+        }
     }
 
     #[test]

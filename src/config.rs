@@ -9,6 +9,7 @@ use nix::sys::signal::Signal;
 use crate::app::AppCommand;
 use crate::budget::Budget;
 use crate::cli::RunArgs;
+use crate::cli::format_duration;
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
@@ -173,8 +174,8 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
     if min > max {
         return Err(StartupError::usage(format!(
             "--drain-min {} is longer than {max_flag} {}: raise {max_flag} or lower --drain-min",
-            secs(min),
-            secs(max),
+            format_duration(min),
+            format_duration(max),
         )));
     }
     let quiet_period = args.quiet_period.unwrap_or(QuietPeriod::Auto);
@@ -183,8 +184,8 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
     {
         return Err(StartupError::usage(format!(
             "--quiet-period {} is longer than {max_flag} {}: traffic could never count as quiet; lower it or use auto",
-            secs(quiet),
-            secs(max),
+            format_duration(quiet),
+            format_duration(max),
         )));
     }
     Ok(DrainPolicy::Watched(WatchedDrain {
@@ -215,8 +216,4 @@ fn refuse_stray(options: &[(&str, bool)], applies_to: &str) -> Result<(), Startu
         ))),
         None => Ok(()),
     }
-}
-
-fn secs(duration: Duration) -> humantime::FormattedDuration {
-    humantime::format_duration(duration)
 }

@@ -152,10 +152,16 @@ impl Supervisor {
                 );
                 self.stop_app();
             }
-            Phase::Draining { .. } | Phase::Stopping => {
+            Phase::Draining { .. } => {
                 info!(
                     elapsed_ms = self.elapsed_ms(),
                     "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)"
+                );
+            }
+            Phase::Stopping => {
+                info!(
+                    elapsed_ms = self.elapsed_ms(),
+                    "SIGTERM again: ignored, the app already has its stop signal"
                 );
             }
             Phase::Exited { .. } => {}
@@ -259,10 +265,12 @@ impl Supervisor {
             "shutdown budget spent (grace period - 1s): SIGKILL to the app's process group"
         );
         let open = traffic::lock(&self.observers.traffic).open_connections;
-        warn!(
-            open_connections = open,
-            "connections to the app still open when it was killed"
-        );
+        if open > 0 {
+            warn!(
+                open_connections = open,
+                "connections to the app still open when it was killed"
+            );
+        }
         self.app.kill_group();
         self.metrics.budget_kill();
     }

@@ -109,6 +109,8 @@ fn bad_flags_and_values_are_usage_errors() {
         (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
         (&["--stop-signal", "99"], "expected a signal like TERM"),
         (&["--stop-signal", "STOP"], "cannot ask the app to stop"),
+        (&["--drain-delay", "-5s"], "cannot be negative"),
+        (&["sleep", "1"], "put the app after --"),
         (&["--health-listen", "localhost"], "expected IP:PORT"),
         (&["--health-listen", "1.2.3.4:70000"], "expected IP:PORT"),
         (&["--control", "@"], "expected @name"),
