@@ -167,7 +167,6 @@ impl DrainPolicy {
         }
     }
 
-    /// The command-line flag that sets `longest`, for error messages.
     pub fn watches(&self, watcher: Watcher) -> bool {
         matches!(self, DrainPolicy::Watched(w) if w.watchers.contains(&watcher))
     }
@@ -217,8 +216,17 @@ impl WatchedDrain {
                 let mut report = observers.evidence(started);
                 report["drain_min_ms"] = json!(self.min.as_millis() as u64);
                 report["drain_max_ms"] = json!(self.max.as_millis() as u64);
-                report["quiet_period_ms"] = json!(quiet.0.as_millis() as u64);
-                report["quiet_period_reason"] = json!(quiet.1);
+                if self.watches_traffic() {
+                    report["quiet_period_ms"] = json!(quiet.0.as_millis() as u64);
+                    report["quiet_period_reason"] = json!(quiet.1);
+                }
+                if self.watchers.contains(&Watcher::LbProbes) {
+                    report["lb_checkers_pending"] = json!(observers.checkers().holding_the_drain(
+                        now,
+                        started,
+                        self.lb_unhealthy_threshold
+                    ));
+                }
                 for (watcher, at) in &drained_at {
                     let key = format!("{watcher}_drained_ms").replace('-', "_");
                     report[key] = json!(at.map(|d| d.as_millis() as u64));

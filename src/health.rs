@@ -102,6 +102,7 @@ impl Context {
             ),
             GateState::TimedOut => warn!(
                 timeout_ms = gate.timeout.as_millis() as u64,
+                waiting_for = ?checkers.holding_the_gate(now, gate.probes),
                 "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
             ),
         }

@@ -161,3 +161,35 @@ fn status_shows_each_checker_and_the_policy() {
     assert!(lb["interval_ms"].as_u64().is_some(), "{lb}");
     drainit.signal(Signal::SIGINT);
 }
+
+#[test]
+fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            "200ms",
+            "--drain-max",
+            "2s",
+            "--grace-period",
+            "10s",
+        ],
+        &[],
+    );
+    let (code, _) = http_request(
+        drainit.health,
+        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200);
+    drainit.signal(Signal::SIGTERM);
+    let (reason, evidence) = evidence(&mut drainit);
+    // One request is no interval: it might be a slow load balancer until it stays away 10 s.
+    assert!(reason.contains("--drain-max"), "{reason}: {evidence}");
+    assert_eq!(
+        evidence["lb_checkers_pending"],
+        serde_json::json!(["127.0.0.1 curl/8.5.0"]),
+        "{evidence}"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}

@@ -16,6 +16,11 @@ const RECENT: Duration = Duration::from_secs(60);
 /// A checker whose gap since its last probe exceeds this many of its intervals has stopped
 /// checking (twice, not once: real checkers jitter).
 const STOPPED_AFTER_INTERVALS: u32 = 2;
+/// A client that probed once and not again for this long is not a health checker (a person with
+/// curl, a one-off script), and neither holds a drain nor the start-up gate. A load balancer that
+/// has probed only once has not put the pod in rotation unless it needs a single pass, and those
+/// check every 5-10 s: they come back within this.
+const ONE_OFF_AFTER: Duration = Duration::from_secs(10);
 
 /// One health checker: a source address and the User-Agent it sends (HAProxy and some LBs send
 /// none; several LB nodes each check from their own address).
@@ -94,8 +99,13 @@ impl Checkers {
         let silent = now.saturating_duration_since(checker.last_seen);
         match checker.interval {
             Some(interval) if silent > interval * STOPPED_AFTER_INTERVALS => CheckerState::Stopped,
+            None if silent > ONE_OFF_AFTER => CheckerState::Stopped,
             _ => CheckerState::Pending,
         }
+    }
+
+    fn is_one_off(checker: &Checker, now: Instant) -> bool {
+        checker.probes == 1 && now.saturating_duration_since(checker.last_seen) > ONE_OFF_AFTER
     }
 
     /// The load balancers (not the kubelet) that were checking around the drain.
@@ -118,8 +128,43 @@ impl Checkers {
     /// Start-up: whether load balancers have taken the pod into rotation, as of `now`: at least
     /// one is checking, and every one seen in the last minute has had `needed` consecutive 200s.
     pub fn all_healthy(&self, now: Instant, needed: u32) -> bool {
-        let mut recent = self.load_balancers(now).peekable();
+        let mut recent = self
+            .load_balancers(now)
+            .filter(|(_, c)| !Self::is_one_off(c, now))
+            .peekable();
         recent.peek().is_some() && recent.all(|(_, c)| c.successes >= needed)
+    }
+
+    /// The load balancers still holding the drain, as `address User-Agent`, for the log.
+    pub fn holding_the_drain(
+        &self,
+        now: Instant,
+        drain_started: Instant,
+        threshold: u32,
+    ) -> Vec<String> {
+        self.named(
+            self.load_balancers(drain_started)
+                .filter(|(_, c)| Self::state(c, now, threshold) == CheckerState::Pending),
+        )
+    }
+
+    /// The load balancers still holding the start-up gate, for the log.
+    pub fn holding_the_gate(&self, now: Instant, needed: u32) -> Vec<String> {
+        self.named(
+            self.load_balancers(now)
+                .filter(|(_, c)| !Self::is_one_off(c, now) && c.successes < needed),
+        )
+    }
+
+    fn named<'a>(
+        &self,
+        checkers: impl Iterator<Item = (&'a CheckerId, &'a Checker)>,
+    ) -> Vec<String> {
+        let mut names: Vec<String> = checkers
+            .map(|(id, _)| format!("{} {}", id.addr, id.agent).trim_end().to_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     /// How many load balancers were checking around the drain.
@@ -311,11 +356,27 @@ mod tests {
     }
 
     #[test]
-    fn a_single_probe_gives_no_interval_so_only_503s_end_its_wait() {
+    fn a_single_probe_holds_the_drain_only_until_it_looks_like_a_one_off() {
         let t0 = Instant::now();
-        let lb = id("10.0.0.3", "HAProxy");
+        let curl = id("10.0.0.3", "curl/8.5.0");
         let mut checkers = Checkers::default();
-        checkers.record(lb.clone(), t0, true, false);
-        assert!(!checkers.drained(t0 + MS(30_000), t0 + MS(100), 2));
+        checkers.record(curl.clone(), t0, true, false);
+        assert!(!checkers.drained(t0 + MS(5_000), t0 + MS(100), 2));
+        assert!(checkers.drained(t0 + MS(10_100), t0 + MS(100), 2));
+    }
+
+    #[test]
+    fn a_one_off_request_does_not_hold_the_start_up_gate() {
+        let t0 = Instant::now();
+        let lb = id("10.0.0.1", "HAProxy");
+        let curl = id("10.0.0.9", "curl/8.5.0");
+        let mut checkers = Checkers::default();
+        checkers.record(curl, t0, true, false);
+        probe(&mut checkers, &lb, t0, MS(1000), 3, t0 + MS(60_000));
+        assert!(
+            !checkers.all_healthy(t0 + MS(2000), 2),
+            "curl may be a slow LB"
+        );
+        assert!(checkers.all_healthy(t0 + MS(10_100), 2));
     }
 }
