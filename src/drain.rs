@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use tracing::warn;
 
 use self::lb_probes::Checkers;
 use self::traffic::{QuietPeriod, SharedTraffic};
@@ -213,23 +214,16 @@ impl WatchedDrain {
             }
             all_drained_since = all.then(|| all_drained_since.unwrap_or(now));
             if let Some(reason) = self.verdict(elapsed, all_drained_since.map(|t| t - started)) {
-                let mut report = observers.evidence(started);
-                report["drain_min_ms"] = json!(self.min.as_millis() as u64);
-                report["drain_max_ms"] = json!(self.max.as_millis() as u64);
-                if self.watches_traffic() {
-                    report["quiet_period_ms"] = json!(quiet.0.as_millis() as u64);
-                    report["quiet_period_reason"] = json!(quiet.1);
-                }
-                if self.watchers.contains(&Watcher::LbProbes) {
-                    report["lb_checkers_pending"] = json!(observers.checkers().holding_the_drain(
-                        now,
-                        started,
-                        self.lb_unhealthy_threshold
-                    ));
-                }
-                for (watcher, at) in &drained_at {
-                    let key = format!("{watcher}_drained_ms").replace('-', "_");
-                    report[key] = json!(at.map(|d| d.as_millis() as u64));
+                let report = self.report(&observers, started, now, &quiet, &drained_at);
+                if reason == EndReason::Cap
+                    && self.watches_traffic()
+                    && !report["traffic_drained_ms"].is_u64()
+                {
+                    warn!(
+                        last_request_ms = %report["last_request_ms"],
+                        open_connections = %report["open_connections"],
+                        "traffic never went quiet: requests still arrive (a long-lived stream, or a load balancer still routing here); the drain ends at --drain-max"
+                    );
                 }
                 return DrainEnd {
                     reason,
@@ -238,6 +232,37 @@ impl WatchedDrain {
                 };
             }
         }
+    }
+
+    /// The evidence behind the end of a drain: see [`Observers::evidence`], plus this policy's
+    /// bounds, the quiet period and when each watcher became drained (null: it never did).
+    fn report(
+        &self,
+        observers: &Observers,
+        started: Instant,
+        now: Instant,
+        quiet: &(Duration, String),
+        drained_at: &[(Watcher, Option<Duration>)],
+    ) -> Value {
+        let mut report = observers.evidence(started);
+        report["drain_min_ms"] = json!(self.min.as_millis() as u64);
+        report["drain_max_ms"] = json!(self.max.as_millis() as u64);
+        if self.watches_traffic() {
+            report["quiet_period_ms"] = json!(quiet.0.as_millis() as u64);
+            report["quiet_period_reason"] = json!(quiet.1);
+        }
+        if self.watchers.contains(&Watcher::LbProbes) {
+            report["lb_checkers_pending"] = json!(observers.checkers().holding_the_drain(
+                now,
+                started,
+                self.lb_unhealthy_threshold
+            ));
+        }
+        for (watcher, at) in drained_at {
+            let key = format!("{watcher}_drained_ms").replace('-', "_");
+            report[key] = json!(at.map(|d| d.as_millis() as u64));
+        }
+        report
     }
 
     /// Whether the drain ends now, `elapsed` into it, with every watcher drained since

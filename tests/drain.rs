@@ -308,3 +308,46 @@ fn requests_after_the_stop_signal_are_logged_as_late_arrivals() {
     drainit.signal(Signal::SIGINT);
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn traffic_that_never_goes_quiet_ends_the_drain_at_its_cap_and_the_log_says_why() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "traffic",
+            "--quiet-period",
+            "1s",
+            "--drain-max",
+            "2s",
+            "--grace-period",
+            "10s",
+        ],
+        &[],
+    );
+    let app = app_addr(&mut drainit);
+    let done = Arc::new(AtomicBool::new(false));
+    let client = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                http_get(app, "/");
+                std::thread::sleep(Duration::from_millis(150));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    drainit.signal(Signal::SIGTERM);
+    let why = drainit.log("traffic never went quiet");
+    assert!(why["last_request_ms"].as_str().is_some(), "{why}");
+    let over = drainit.log("drain over");
+    assert_eq!(
+        over["reason"],
+        "--drain-max reached before the watchers reported drained"
+    );
+    done.store(true, Ordering::Relaxed);
+    client.join().unwrap();
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
