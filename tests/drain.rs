@@ -75,7 +75,8 @@ fn stop_signal_is_configurable() {
 fn a_second_sigterm_during_the_drain_is_ignored() {
     let mut drainit = Drainit::demo(&["--drain-delay", "1500ms"], &[]);
     let first = drainit.signal_at(Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(300));
+    // Sent before drainit took in the first, the two could merge into one.
+    drainit.log("drain started");
     drainit.signal(Signal::SIGTERM);
     let stop = drainit.app_line("demo-app: signal TERM");
     assert!(
@@ -93,7 +94,7 @@ fn sigint_and_sigquit_cut_the_drain_short() {
     for (signal, name) in [(Signal::SIGINT, "INT"), (Signal::SIGQUIT, "QUIT")] {
         let mut drainit = Drainit::demo(&["--drain-delay", "20s"], &["--exit-code", "4"]);
         drainit.signal(Signal::SIGTERM);
-        std::thread::sleep(Duration::from_millis(200));
+        drainit.log("drain started");
         let interrupt = drainit.signal_at(signal);
         let forwarded = drainit.app_line(&format!("demo-app: signal {name}"));
         assert!(
@@ -101,6 +102,7 @@ fn sigint_and_sigquit_cut_the_drain_short() {
             "{name} took {:?}",
             forwarded.at - interrupt
         );
+        drainit.log("drain cut short");
         assert_eq!(drainit.exit_code(SECS(5)), 4);
         assert_eq!(
             drainit.app.count(|l| l.contains("signal TERM")),

@@ -3,15 +3,19 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use common::{drainit_bin, unique_control, wait_timeout};
+use common::{drainit_bin, time_until, unique_control, wait_timeout};
 
-/// Runs `drainit -- sh -c <app>` on a fresh pseudo-terminal, typing `keys` after `delay`;
-/// returns the exit code and everything the terminal showed.
+/// The app's cue that it is ready for keys: typed earlier, Ctrl-C could beat its trap.
+const PROMPT: &str = "waiting";
+
+/// Runs `drainit -- sh -c <app>` on a fresh pseudo-terminal, typing `keys` once the app has
+/// printed [`PROMPT`]; returns the exit code and everything the terminal showed.
 fn on_a_terminal(app: &str, keys: &[u8]) -> (Option<i32>, String) {
     let drainit = format!(
         "{} --health-listen 127.0.0.1:0 --control {} --log-level warn -- sh -c '{app}'",
@@ -24,25 +28,44 @@ fn on_a_terminal(app: &str, keys: &[u8]) -> (Option<i32>, String) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("script(1) from util-linux");
-    // Let the app reach its prompt before typing, as a person would.
-    thread::sleep(Duration::from_millis(700));
+    let screen = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let (mut stdout, screen) = (script.stdout.take().unwrap(), screen.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                screen
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let prompted = time_until(Duration::from_secs(10), || {
+        screen.lock().unwrap().contains(PROMPT)
+    });
     let mut keyboard = script.stdin.take().unwrap();
-    keyboard.write_all(keys).unwrap();
+    if prompted.is_some() {
+        keyboard.write_all(keys).unwrap();
+    }
     let status = wait_timeout(&mut script, Duration::from_secs(10));
     if status.is_none() {
         let _ = script.kill();
+        let _ = script.wait();
     }
     drop(keyboard);
-    let output = script.wait_with_output().unwrap();
-    (
-        status.and_then(|s| s.code()),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-    )
+    reader.join().unwrap();
+    let screen = screen.lock().unwrap().clone();
+    assert!(prompted.is_some(), "the app never prompted:\n{screen}");
+    (status.and_then(|s| s.code()), screen)
 }
 
 #[test]
 fn the_app_owns_the_terminal_and_can_read_from_it() {
-    let (code, screen) = on_a_terminal("read line; echo got:$line; exit 4", b"hello\n");
+    let (code, screen) = on_a_terminal(
+        "echo waiting; read line; echo got:$line; exit 4",
+        b"hello\n",
+    );
     assert!(
         screen.contains("got:hello"),
         "the app could not read the terminal:\n{screen}"

@@ -54,7 +54,7 @@ fn get_head_http10_json_404_405_and_400() {
 
 #[test]
 fn keep_alive_connections_see_the_flip() {
-    let drainit = Drainit::demo(&["--drain-delay", "5s"], &[]);
+    let mut drainit = Drainit::demo(&["--drain-delay", "5s"], &[]);
     let mut conn = TcpStream::connect(drainit.health).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     let mut ask = || {
@@ -70,7 +70,7 @@ fn keep_alive_connections_see_the_flip() {
     };
     assert_eq!(ask(), "200");
     drainit.signal(Signal::SIGTERM);
-    std::thread::sleep(Duration::from_millis(50));
+    drainit.log("drain started");
     assert_eq!(
         ask(),
         "503",
