@@ -84,6 +84,9 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
         run,
         shared,
     } = cli;
+    // A signal mask inherited from whoever started drainit would hold back SIGTERM or SIGCHLD
+    // for good; every thread the runtime starts inherits this one.
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -125,3 +125,41 @@ sleep 30"#;
         "sh dies of the stop signal: 128 + 15"
     );
 }
+
+#[test]
+fn a_blocked_signal_mask_is_not_inherited_by_drainit_or_the_app() {
+    use nix::sys::signal::SigSet;
+    use std::os::unix::process::CommandExt;
+
+    let mut blocked = Command::new(drainit_bin());
+    // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe.
+    unsafe {
+        blocked.pre_exec(|| {
+            let mut set = SigSet::empty();
+            set.add(Signal::SIGTERM);
+            set.add(Signal::SIGCHLD);
+            set.thread_block().map_err(std::io::Error::from)
+        });
+    }
+    let app = "grep ^SigBlk /proc/self/status; \
+               echo fds: $(ls -l /proc/self/fd | grep -c -e socket: -e anon_inode:); \
+               exec sleep 30";
+    let mut drainit = Drainit::start_with(blocked, &["--drain-delay", "0"], &["sh", "-c", app]);
+    let mask = drainit.app_line("SigBlk:");
+    assert!(
+        mask.text.trim_end().ends_with(&"0".repeat(16)),
+        "the app inherited a signal mask: {}",
+        mask.text
+    );
+    // drainit's own descriptors (probe and control sockets, netlink, epoll, the signal pipe) are
+    // sockets or anonymous inodes; what the test itself passes down is neither.
+    let fds = drainit.app_line("fds:");
+    assert_eq!(
+        fds.text.trim(),
+        "fds: 0",
+        "drainit's descriptors leaked into the app"
+    );
+    // SIGTERM reaches drainit, and the app's exit (SIGCHLD) too.
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(5)), 128 + 15);
+}
