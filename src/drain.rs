@@ -153,9 +153,7 @@ impl Observers {
     }
 
     pub fn checkers(&self) -> std::sync::MutexGuard<'_, Checkers> {
-        self.checkers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.checkers)
     }
 }
 

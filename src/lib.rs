@@ -23,6 +23,7 @@ pub mod reaper;
 pub mod signals;
 pub mod status;
 pub mod supervisor;
+pub mod sync;
 pub mod tcp;
 
 use std::io::Write;

@@ -22,7 +22,7 @@
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt::Write as _;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -331,9 +331,7 @@ impl Metrics {
     }
 
     fn lock_state(&self) -> MutexGuard<'_, Label> {
-        self.current_state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        crate::sync::lock(&self.current_state)
     }
 }
 

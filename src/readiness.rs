@@ -306,7 +306,7 @@ pub struct CheckLog {
 pub type SharedCheckLog = Arc<Mutex<CheckLog>>;
 
 pub fn lock(log: &SharedCheckLog) -> std::sync::MutexGuard<'_, CheckLog> {
-    log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::sync::lock(log)
 }
 
 impl CheckLog {

@@ -53,9 +53,7 @@ impl Waiters {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Pid, oneshot::Sender<u8>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::sync::lock(&self.0)
     }
 }
 

@@ -424,12 +424,8 @@ async fn discover_ports(
     .await
 }
 
-/// The lock is never held across an await; a panic while holding it is a bug, but must not stop
-/// the drain: use the data as it is.
 pub fn lock(traffic: &SharedTraffic) -> std::sync::MutexGuard<'_, Traffic> {
-    traffic
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    crate::sync::lock(traffic)
 }
 
 #[cfg(test)]
