@@ -138,8 +138,9 @@ impl Observers {
         }
     }
 
-    /// What was seen of load balancers and requests around the drain that began at `started`.
-    fn evidence(&self, started: Instant) -> Value {
+    /// What was seen of load balancers and requests around the drain that began at `started`
+    /// (times in ms since then).
+    pub fn evidence(&self, started: Instant) -> Value {
         let since_start = |t: Option<Instant>| t.map(|t| signed_ms(t, started));
         let checkers = self.checkers();
         let traffic = traffic::lock(&self.traffic);

@@ -1,5 +1,8 @@
 //! The supervisor: one loop that turns signals, prestop requests, timers and the app's exit into
-//! lifecycle events, in the order they happen. It is the only writer of the lifecycle.
+//! lifecycle events. It is the only writer of the lifecycle.
+//!
+//! Signals pending together are taken in signal-number order, and one kind sent twice before
+//! drainit looks counts once (signal-hook merges them, as the kernel does for standard signals).
 
 use std::future::{Future, pending};
 use std::pin::Pin;
@@ -91,12 +94,14 @@ impl Supervisor {
                 return code;
             }
             tokio::select! {
-                // Signals first: an exit or a SIGTERM must never wait behind a timer.
+                // Deadlines first: they fire once and cost nothing, while a stream of SIGCHLDs (an
+                // app forking short-lived children) must not hold back the budget kill. Then
+                // signals: an exit or a SIGTERM never waits behind anything else.
                 biased;
-                Some(signal) = signals.next() => self.on_signal(signal),
-                end = drain_over(&mut self.drain) => self.on_drain_over(end),
                 () = at(self.kill_deadline) => self.on_budget_spent(),
                 () = at(self.handoff_deadline) => self.on_handoff_timeout(),
+                Some(signal) = signals.next() => self.on_signal(signal),
+                end = drain_over(&mut self.drain) => self.on_drain_over(end),
                 Some(()) = drain_requests.recv() => self.start_drain(DrainTrigger::Prestop),
                 Some(event) = readiness.recv() => {
                     self.lifecycle.apply(event);
@@ -179,6 +184,13 @@ impl Supervisor {
             );
             if self.drain.take().is_some() {
                 let elapsed = self.lifecycle.drain_elapsed().unwrap_or_default();
+                let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
+                info!(
+                    reason = EndReason::Interrupted.as_str(),
+                    elapsed_ms = elapsed.as_millis() as u64,
+                    evidence = %self.observers.evidence(started),
+                    "drain over"
+                );
                 self.metrics
                     .drain_ended(EndReason::Interrupted.label(), elapsed);
             }

@@ -103,6 +103,8 @@ fn sigint_and_sigquit_cut_the_drain_short() {
             forwarded.at - interrupt
         );
         drainit.log("drain cut short");
+        let over = drainit.log("drain over");
+        assert_eq!(over["reason"], "cut short by SIGINT or SIGQUIT", "{over}");
         assert_eq!(drainit.exit_code(SECS(5)), 4);
         assert_eq!(
             drainit.app.count(|l| l.contains("signal TERM")),
