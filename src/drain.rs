@@ -84,6 +84,8 @@ pub enum EndReason {
     Cap,
     /// SIGINT or SIGQUIT cut it short.
     Interrupted,
+    /// The app was never ready: no load balancer can be sending it traffic.
+    NeverReady,
 }
 
 impl EndReason {
@@ -95,6 +97,7 @@ impl EndReason {
             EndReason::Floor => "floor",
             EndReason::Cap => "cap",
             EndReason::Interrupted => "interrupted",
+            EndReason::NeverReady => "never_ready",
         }
     }
 
@@ -105,6 +108,7 @@ impl EndReason {
             EndReason::Floor => "watchers drained before --drain-min: ended at the floor",
             EndReason::Cap => "--drain-max reached before the watchers reported drained",
             EndReason::Interrupted => "cut short by SIGINT or SIGQUIT",
+            EndReason::NeverReady => "the app was never ready: no load balancer sends it traffic",
         }
     }
 }

@@ -41,7 +41,14 @@ const STATES: [&str; 7] = [
     "starting", "ready", "unready", "draining", "drained", "stopping", "exited",
 ];
 /// What can end a drain; each has a series from start-up on, so `increase()` sees the first one.
-const DRAIN_REASONS: [&str; 5] = ["delay", "watchers", "floor", "cap", "interrupted"];
+const DRAIN_REASONS: [&str; 6] = [
+    "delay",
+    "watchers",
+    "floor",
+    "cap",
+    "interrupted",
+    "never_ready",
+];
 const PROBE_PATHS: [&str; 4] = ["/alive", "/ready", "/status", "/metrics"];
 const CHECKERS: [&str; 3] = ["kubelet", "load_balancer", "other"];
 const CHECK_KINDS: [&str; 3] = ["http", "tcp", "exec"];

@@ -7,7 +7,7 @@
 use std::future::{Future, pending};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
@@ -204,6 +204,8 @@ impl Supervisor {
     }
 
     fn start_drain(&mut self, trigger: DrainTrigger) {
+        // /ready never answered 200: nothing routes requests here, so there is nothing to drain.
+        let never_ready = self.lifecycle.phase() == Phase::Starting;
         if !self.lifecycle.apply(Event::DrainStarted(trigger)) {
             return;
         }
@@ -216,11 +218,20 @@ impl Supervisor {
             elapsed_ms = 0u64,
             "drain started: /ready answers 503, the app keeps serving"
         );
-        self.drain = Some(Box::pin(
-            self.drain_policy
-                .clone()
-                .run(started, self.observers.clone()),
-        ));
+        self.drain = Some(if never_ready {
+            let end = DrainEnd {
+                reason: EndReason::NeverReady,
+                elapsed: Duration::ZERO,
+                report: self.observers.evidence(started),
+            };
+            Box::pin(std::future::ready(end))
+        } else {
+            Box::pin(
+                self.drain_policy
+                    .clone()
+                    .run(started, self.observers.clone()),
+            )
+        });
         self.kill_deadline = Some(kill_at);
     }
 

@@ -311,3 +311,18 @@ fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
     );
     drop(silent_dns);
 }
+
+#[test]
+fn a_pod_that_was_never_ready_is_stopped_without_a_drain() {
+    // Nothing listens on port 1: the app check never passes.
+    let mut drainit = Drainit::demo(&["--ready-tcp", "127.0.0.1:1", "--drain-delay", "20s"], &[]);
+    assert_eq!(ready(&drainit), 503);
+    let drained_after = drainit.drain_time();
+    assert!(drained_after < SECS(2), "drained for {drained_after:?}");
+    let over = drainit.log("drain over");
+    assert_eq!(
+        over["reason"],
+        "the app was never ready: no load balancer sends it traffic"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
