@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
+use nix::sys::signal::Signal;
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{self, Pid};
 use tokio::sync::oneshot;
@@ -20,6 +21,8 @@ use crate::exit;
 pub struct Reaped {
     pub pid: Pid,
     pub code: u8,
+    /// The signal that killed it, if one did (`code` is then 128 + its number).
+    pub signal: Option<Signal>,
 }
 
 #[derive(Debug, Default)]
@@ -104,10 +107,12 @@ fn reap_one() -> Option<Reaped> {
             Ok(WaitStatus::Exited(pid, code)) => Some(Reaped {
                 pid,
                 code: code as u8,
+                signal: None,
             }),
             Ok(WaitStatus::Signaled(pid, signal, _)) => Some(Reaped {
                 pid,
                 code: exit::killed_by(signal as i32),
+                signal: Some(signal),
             }),
             // Stopped/continued children are not reported without WUNTRACED/WCONTINUED.
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => None,

@@ -118,7 +118,7 @@ impl Supervisor {
                 self.metrics
                     .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
                 if let Some(exit) = app_exit {
-                    self.on_app_exit(exit.code);
+                    self.on_app_exit(exit.code, exit.signal);
                 }
             }
             Meaning::Drain => self.on_sigterm(),
@@ -131,7 +131,11 @@ impl Supervisor {
 
     fn forward(&mut self, signal: i32) {
         let name = signals::name(signal);
-        info!(signal = name, "forwarding signal to the app");
+        info!(
+            signal = name,
+            elapsed_ms = self.elapsed_ms(),
+            "forwarding signal to the app"
+        );
         self.metrics.signal_forwarded(&name);
         self.app.forward(signal);
     }
@@ -298,19 +302,30 @@ impl Supervisor {
         self.metrics.budget_kill();
     }
 
-    fn on_app_exit(&mut self, code: u8) {
+    fn on_app_exit(&mut self, code: u8, signal: Option<Signal>) {
         if let Some(stop_sent) = self.stop_sent {
             self.metrics.app_stopped(stop_sent.elapsed());
         }
         self.drain = None;
         self.kill_deadline = None;
         self.handoff_deadline = None;
-        info!(
-            code,
-            elapsed_ms = self.elapsed_ms(),
-            orphans_reaped = self.reaper.orphans_reaped(),
-            "app exited"
-        );
+        match signal {
+            // Killed by a signal before drainit stopped it: a crash, the OOM killer, an operator.
+            Some(signal) if self.stop_sent.is_none() => warn!(
+                code,
+                signal = signal.as_str(),
+                elapsed_ms = self.elapsed_ms(),
+                orphans_reaped = self.reaper.orphans_reaped(),
+                "app exited"
+            ),
+            _ => info!(
+                code,
+                signal = signal.map(Signal::as_str),
+                elapsed_ms = self.elapsed_ms(),
+                orphans_reaped = self.reaper.orphans_reaped(),
+                "app exited"
+            ),
+        }
         self.lifecycle.apply(Event::AppExited { code });
         if self.app.kill_leftovers() {
             warn!("the app left processes behind in its group: killed them");

@@ -157,14 +157,19 @@ fn an_app_that_ignores_the_stop_signal_is_killed_with_its_group_before_the_grace
 
 #[test]
 fn exit_codes_and_deaths_by_signal_propagate() {
-    for (script, expected) in [
-        ("exit 0", 0),
-        ("exit 5", 5),
-        ("kill -KILL $$", 137),
-        ("kill -USR1 $$", 138),
+    for (script, expected, signal) in [
+        ("exit 0", 0, None),
+        ("exit 5", 5, None),
+        ("kill -KILL $$", 137, Some("SIGKILL")),
+        ("kill -USR1 $$", 138, Some("SIGUSR1")),
     ] {
         let mut drainit = Drainit::start(&[], &["sh", "-c", script]);
         assert_eq!(drainit.exit_code(SECS(5)), expected, "sh -c '{script}'");
+        // A death by signal (a crash, the OOM killer) is a warning that names the signal.
+        let exited = drainit.log("app exited");
+        assert_eq!(exited["signal"].as_str(), signal, "{exited}");
+        let level = if signal.is_some() { "WARN" } else { "INFO" };
+        assert_eq!(exited["level"], level, "{exited}");
     }
 }
 
