@@ -13,6 +13,7 @@ use nix::unistd::{self, Pid};
 use tracing::{debug, info, warn};
 
 use crate::exit::{self, StartupError};
+use crate::process_tree;
 
 /// The app's program and arguments, as given after `--`.
 #[derive(Debug, Clone)]
@@ -95,13 +96,21 @@ impl App {
         send(self.pid, Signal::SIGKILL as i32);
     }
 
-    /// After the app exited: SIGKILLs whatever is left of its process group, as the kernel does
-    /// to a container's processes when its PID 1 exits, so drainit never leaves stragglers behind
-    /// when it is not PID 1. Returns whether anything was left.
+    /// After the app exited: SIGKILLs what it left behind, the rest of its process group and
+    /// every process drainit adopted (a daemon that left the group with setsid), as the kernel
+    /// does to a container's processes when its PID 1 exits. So drainit leaves no stragglers
+    /// when it is not PID 1 either. Returns whether anything was left.
     pub fn kill_leftovers(&self) -> bool {
-        let any_left = signal::killpg(self.pid, None).is_ok();
+        let mut any_left = signal::killpg(self.pid, None).is_ok();
         if any_left {
             send(self.group(), Signal::SIGKILL as i32);
+        }
+        let me = std::process::id() as i32;
+        for pid in process_tree::descendants_and_self(me) {
+            if pid != me {
+                any_left = true;
+                send(Pid::from_raw(pid), Signal::SIGKILL as i32);
+            }
         }
         any_left
     }

@@ -18,6 +18,7 @@ pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
+pub mod process_tree;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;

@@ -328,7 +328,7 @@ impl Supervisor {
         }
         self.lifecycle.apply(Event::AppExited { code });
         if self.app.kill_leftovers() {
-            warn!("the app left processes behind in its group: killed them");
+            warn!("the app left processes behind: killed them");
         }
     }
 

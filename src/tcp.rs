@@ -7,13 +7,11 @@
 //! maps the app's listening sockets to its ports. Reading them needs no privileges and costs the
 //! app nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::mem::size_of;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::OnceLock;
 
 use netlink_packet_core::{
     DoneBuffer, ErrorBuffer, NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
@@ -30,6 +28,8 @@ use netlink_packet_sock_diag::inet::{
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 use netlink_sys::{Socket, SocketAddr as NetlinkAddr};
 use nix::unistd::Pid;
+
+use crate::process_tree;
 
 /// One TCP connection to a local port, as the kernel's sock_diag reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,7 +324,7 @@ pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> 
     if port_of.is_empty() {
         return ports;
     }
-    for pid in process_tree(root.as_raw()) {
+    for pid in process_tree::descendants_and_self(root.as_raw()) {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             continue;
         };
@@ -345,81 +345,6 @@ pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> 
     ports.sort_unstable();
     ports.dedup();
     ports
-}
-
-/// `root` and every descendant, each once.
-fn process_tree(root: i32) -> Vec<i32> {
-    // The children files need CONFIG_PROC_CHILDREN, which some kernels lack; the ppid scan
-    // reads every process's stat instead, which costs more but works everywhere.
-    static HAS_CHILDREN_FILES: OnceLock<bool> = OnceLock::new();
-    let has_children_files =
-        *HAS_CHILDREN_FILES.get_or_init(|| Path::new("/proc/thread-self/children").exists());
-    let by_parent = if has_children_files {
-        HashMap::new()
-    } else {
-        children_by_ppid()
-    };
-    let mut tree = vec![root];
-    let mut seen = HashSet::from([root]);
-    let mut next = 0;
-    while let Some(&pid) = tree.get(next) {
-        next += 1;
-        let children = if has_children_files {
-            children_from_files(pid)
-        } else {
-            by_parent.get(&pid).cloned().unwrap_or_default()
-        };
-        for child in children {
-            // A pid reused while we walk could close a loop.
-            if seen.insert(child) {
-                tree.push(child);
-            }
-        }
-    }
-    tree
-}
-
-/// The children of every thread of `pid` (a child belongs to the thread that forked it).
-fn children_from_files(pid: i32) -> Vec<i32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|task| fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|pid| pid.parse().ok())
-                .collect::<Vec<i32>>()
-        })
-        .collect()
-}
-
-/// Every process's children, from the ppid field of each /proc/<pid>/stat.
-fn children_by_ppid() -> HashMap<i32, Vec<i32>> {
-    let mut by_parent: HashMap<i32, Vec<i32>> = HashMap::new();
-    let Ok(entries) = fs::read_dir("/proc") else {
-        return by_parent;
-    };
-    for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        if let Some(ppid) = parse_ppid(&stat) {
-            by_parent.entry(ppid).or_default().push(pid);
-        }
-    }
-    by_parent
-}
-
-/// The ppid field of a /proc/<pid>/stat line: "pid (comm) state ppid ...". comm may hold spaces
-/// and parentheses, so the fields are counted from its last ')'.
-fn parse_ppid(stat: &str) -> Option<i32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -474,13 +399,6 @@ UdpLite: 0 0 0 0 0 0 0 0 0
             parse_passive_opens("Udp: InDatagrams PassiveOpens\nUdp: 1 2\n"),
             None
         );
-    }
-
-    #[test]
-    fn parses_ppid_with_tricky_comm() {
-        assert_eq!(parse_ppid("42 (a) b (c)) S 7 42 42 0 -1"), Some(7));
-        assert_eq!(parse_ppid("1 (init) S 0 1 1"), Some(0));
-        assert_eq!(parse_ppid("garbage"), None);
     }
 
     /// A connected pair through `listener`, with `sent` bytes already read by the server side.
@@ -676,22 +594,6 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         child.wait().unwrap();
         assert!(ports.contains(&child_port), "{child_port} not in {ports:?}");
         assert!(ports.contains(&port));
-    }
-
-    #[test]
-    fn children_files_agree_with_ppids() {
-        if !Path::new("/proc/thread-self/children").exists() {
-            println!("skipping: no CONFIG_PROC_CHILDREN, the ppid scan is the only way here");
-            return;
-        }
-        let (mut child, _) = python("print(0, flush=True)\nimport time\ntime.sleep(60)");
-        let me = std::process::id() as i32;
-        let from_files = children_from_files(me);
-        let from_ppids = children_by_ppid().remove(&me).unwrap_or_default();
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert!(from_files.contains(&(child.id() as i32)));
-        assert!(from_ppids.contains(&(child.id() as i32)));
     }
 
     #[test]

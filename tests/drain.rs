@@ -224,7 +224,7 @@ while :; do sleep 0.05; done"#;
         );
         if !group {
             // Only the parent got the stop signal: drainit cleans up what is left of the group.
-            drainit.log("the app left processes behind in its group: killed them");
+            drainit.log("the app left processes behind: killed them");
         }
     }
 }

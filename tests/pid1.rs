@@ -163,3 +163,20 @@ fn a_blocked_signal_mask_is_not_inherited_by_drainit_or_the_app() {
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(5)), 128 + 15);
 }
+
+#[test]
+fn not_pid1_a_daemon_that_left_the_apps_group_dies_with_the_app() {
+    // A double-forked daemon in its own session: outside the app's process group, adopted by
+    // drainit once its parent is gone.
+    let script = "setsid sh -c 'echo daemon=$$; exec sleep 300' & sleep 0.5; exit 3";
+    let mut drainit = Drainit::start(&[], &["sh", "-c", script]);
+    let daemon: i32 = drainit.app_line("daemon=").text["daemon=".len()..]
+        .parse()
+        .unwrap();
+    assert_eq!(drainit.exit_code(SECS(5)), 3);
+    assert!(
+        time_until(SECS(2), || !is_running(daemon)).is_some(),
+        "daemon {daemon} outlived drainit"
+    );
+    drainit.log("the app left processes behind: killed them");
+}
