@@ -58,6 +58,8 @@ pub struct Traffic {
     /// When the connection counter and the app's sockets were last read.
     counter_read: Option<Instant>,
     sockets_read: Option<Instant>,
+    /// `app_accepts_before` as of the last socket dump.
+    accepts_at_last_dump: Option<u64>,
     /// When the watcher learned the app got its stop signal.
     stopped_at: Option<Instant>,
     pub last_new_connection: Option<Instant>,
@@ -82,6 +84,7 @@ impl Traffic {
             last_observed: None,
             counter_read: None,
             sockets_read: None,
+            accepts_at_last_dump: None,
             stopped_at: None,
             last_new_connection: None,
             open_connections: 0,
@@ -143,6 +146,7 @@ impl Traffic {
         }
         if read_sockets {
             self.sockets_read = Some(at);
+            self.accepts_at_last_dump = self.app_accepts_before;
         }
         let events = u32::try_from(new_connections + receiving).unwrap_or(u32::MAX);
         if new_connections > 0 {
@@ -160,6 +164,14 @@ impl Traffic {
             self.events.pop_front();
         }
         events
+    }
+
+    /// Whether a socket dump could show anything new: connections to the app were open at the
+    /// last one, or the app has accepted connections since (every new one is an accept).
+    pub fn sockets_may_have_changed(&self) -> bool {
+        self.open_connections > 0
+            || self.accepts_at_last_dump.is_none()
+            || self.accepts_at_last_dump != self.app_accepts_before
     }
 
     /// The app got its stop signal (first call wins): arrivals from now on are late.
@@ -311,7 +323,13 @@ pub async fn monitor(
                 traffic.ports = ports;
             }
         }
-        let dump_sockets = is_due(sockets_read, cadence.sockets);
+        // A dump walks the node's whole connection table: before the drain, skip it while the
+        // app has no connection and has accepted none (a probe racing the counter can hide one
+        // briefly, hence the bound). During the drain, always look.
+        let dump_sockets = is_due(sockets_read, cadence.sockets)
+            && (current.drain_has_started()
+                || is_due(sockets_read, SKIPPED_DUMPS_AT_MOST)
+                || lock(&traffic).sockets_may_have_changed());
         let ports = lock(&traffic).ports.clone();
         let own = own_accepts.load(Ordering::Relaxed);
         let (back, observation) = observe(sampler.take(), dump_sockets.then_some(ports), own).await;
@@ -361,6 +379,8 @@ const DURING_DRAIN: Cadence = Cadence {
     counter: Duration::from_millis(100),
     sockets: Duration::from_millis(500),
 };
+/// Before the drain, the longest an idle app goes without a socket dump.
+const SKIPPED_DUMPS_AT_MOST: Duration = Duration::from_secs(10);
 /// Finding the app's ports reads every file descriptor of its processes (about 8 us each).
 /// Until the app listens somewhere, look often: it is just starting and has few descriptors.
 const DISCOVER_PORTS: Duration = Duration::from_millis(500);
@@ -521,6 +541,38 @@ mod tests {
         // Bytes on a kept-alive connection, previous socket reading after the stop.
         traffic.observe(obs(7, 0, vec![conn(1, 200)]), t0 + MS(300));
         assert_eq!(traffic.late_events, 2);
+    }
+
+    #[test]
+    fn a_socket_dump_is_needed_only_with_connections_open_or_accepted() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        assert!(traffic.sockets_may_have_changed(), "never looked");
+        traffic.observe(obs(5, 2, vec![]), t0);
+        assert!(!traffic.sockets_may_have_changed());
+        // Only drainit's own probe connections: still nothing to see.
+        traffic.observe(
+            Observation {
+                connections: None,
+                ..obs(7, 4, vec![])
+            },
+            t0 + MS(250),
+        );
+        assert!(!traffic.sockets_may_have_changed());
+        // The app accepted one.
+        traffic.observe(
+            Observation {
+                connections: None,
+                ..obs(8, 4, vec![])
+            },
+            t0 + MS(500),
+        );
+        assert!(traffic.sockets_may_have_changed());
+        // The dump sees it open: keep looking while it is.
+        traffic.observe(obs(8, 4, vec![conn(1, 10)]), t0 + MS(750));
+        assert!(traffic.sockets_may_have_changed());
+        traffic.observe(obs(8, 4, vec![]), t0 + MS(1000));
+        assert!(!traffic.sockets_may_have_changed());
     }
 
     #[test]
