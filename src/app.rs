@@ -83,12 +83,6 @@ impl App {
         send(target, signal);
     }
 
-    /// Sends the stop signal to the app alone: a group-wide stop is for `--group` users, who get
-    /// it through `forward`.
-    pub fn stop(&self, signal: Signal) {
-        self.forward(signal as i32);
-    }
-
     /// SIGKILLs the app's whole process group, grandchildren included.
     pub fn kill_group(&self) {
         send(self.group(), Signal::SIGKILL as i32);

@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use nix::sys::signal::Signal;
 
 use crate::control::ControlAddr;
 use crate::drain::Watcher;
@@ -62,10 +61,11 @@ pub struct RunArgs {
           default_value = "30s", value_parser = parse_duration)]
     pub grace_period: Duration,
 
-    /// Signal sent to the app when the drain is over: TERM, SIGTERM or 15 (nginx wants QUIT).
+    /// Signal sent to the app when the drain is over: TERM, SIGTERM or 15 (nginx wants QUIT,
+    /// systemd RTMIN+3).
     #[arg(long, env = "DRAINIT_STOP_SIGNAL", value_name = "SIG",
           default_value = "SIGTERM", value_parser = crate::signals::parse_signal)]
-    pub stop_signal: Signal,
+    pub stop_signal: i32,
 
     /// Forward signals to the app's whole process group instead of the app alone (the final
     /// SIGKILL always hits the whole group).

@@ -4,8 +4,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
-
 use crate::app::AppCommand;
 use crate::budget::Budget;
 use crate::cli::RunArgs;
@@ -30,7 +28,8 @@ pub struct RunConfig {
     pub health_listen: SocketAddr,
     pub drain: DrainPolicy,
     pub budget: Budget,
-    pub stop_signal: Signal,
+    /// A signal number: real-time signals have no `Signal` variant.
+    pub stop_signal: i32,
     pub forward_to_group: bool,
     /// The app's serving ports, if given (`--app-port`); discovered otherwise.
     pub app_ports: Vec<u16>,

@@ -88,25 +88,51 @@ pub fn install() -> std::io::Result<Signals> {
     Signals::new(handled())
 }
 
-/// `TERM`, `SIGTERM`, `sigterm` or `15`.
-pub fn parse_signal(text: &str) -> Result<Signal, String> {
+/// A signal as users write it: `TERM`, `SIGTERM`, `15`, or a real-time one: `RTMIN+3`,
+/// `SIGRTMAX-1` (what systemd in a container stops on).
+pub fn parse_signal(text: &str) -> Result<i32, String> {
     let upper = text.trim().to_ascii_uppercase();
-    let parsed = match upper.parse::<i32>() {
-        Ok(number) => Signal::try_from(number).ok(),
-        Err(_) => {
-            let name = upper.strip_prefix("SIG").unwrap_or(&upper);
-            Signal::from_str(&format!("SIG{name}")).ok()
-        }
-    };
-    let signal = parsed
-        .ok_or_else(|| format!("expected a signal like TERM, SIGQUIT or 15, got '{text}'"))?;
-    if NEVER_STOPS.contains(&signal) {
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let number = name
+        .parse::<i32>()
+        .ok()
+        .or_else(|| realtime(name))
+        .or_else(|| {
+            Signal::from_str(&format!("SIG{name}"))
+                .ok()
+                .map(|s| s as i32)
+        })
+        .filter(|n| Signal::try_from(*n).is_ok() || is_realtime(*n))
+        .ok_or_else(|| {
+            format!("expected a signal like TERM, SIGQUIT, 15 or RTMIN+3, got '{text}'")
+        })?;
+    if NEVER_STOPS.iter().any(|s| *s as i32 == number) {
         return Err(format!(
             "{} suspends, resumes or is ignored by default and cannot ask the app to stop: use TERM, QUIT, INT or the signal your app shuts down on",
-            signal.as_str()
+            self::name(number)
         ));
     }
-    Ok(signal)
+    Ok(number)
+}
+
+/// `RTMIN`, `RTMIN+N`, `RTMAX`, `RTMAX-N`.
+fn realtime(name: &str) -> Option<i32> {
+    let (base, rest) = if let Some(rest) = name.strip_prefix("RTMIN") {
+        (libc_sigrtmin(), rest)
+    } else {
+        (libc_sigrtmax(), name.strip_prefix("RTMAX")?)
+    };
+    let offset = match rest.chars().next() {
+        None => 0,
+        Some('+') => rest[1..].parse().ok()?,
+        Some('-') => -rest[1..].parse::<i32>().ok()?,
+        Some(_) => return None,
+    };
+    Some(base + offset).filter(|n| is_realtime(*n))
+}
+
+fn is_realtime(signal: i32) -> bool {
+    (libc_sigrtmin()..=libc_sigrtmax()).contains(&signal)
 }
 
 /// Signals that cannot ask an app to shut down: with one of these as the stop signal, every
@@ -120,11 +146,13 @@ const NEVER_STOPS: [Signal; 6] = [
     Signal::SIGCHLD,
 ];
 
-/// `SIGHUP`, or `SIGRTMIN+3` for real-time signals, for logs.
+/// `SIGHUP`, or `SIGRTMIN+3` / `SIGRTMAX` for real-time signals, for logs.
 pub fn name(signal: i32) -> String {
     match Signal::try_from(signal) {
         Ok(known) => known.as_str().to_owned(),
-        Err(_) if signal >= libc_sigrtmin() => format!("SIGRTMIN+{}", signal - libc_sigrtmin()),
+        Err(_) if signal == libc_sigrtmin() => "SIGRTMIN".to_owned(),
+        Err(_) if signal == libc_sigrtmax() => "SIGRTMAX".to_owned(),
+        Err(_) if is_realtime(signal) => format!("SIGRTMIN+{}", signal - libc_sigrtmin()),
         Err(_) => format!("signal {signal}"),
     }
 }
@@ -135,10 +163,19 @@ mod tests {
 
     #[test]
     fn signal_names_numbers_and_prefixes() {
-        assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM));
-        assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT));
-        assert_eq!(parse_signal("winch"), Ok(Signal::SIGWINCH));
-        assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM));
+        assert_eq!(parse_signal("TERM"), Ok(Signal::SIGTERM as i32));
+        assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT as i32));
+        assert_eq!(parse_signal("winch"), Ok(Signal::SIGWINCH as i32));
+        assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM as i32));
+        let rtmin = libc_sigrtmin();
+        assert_eq!(parse_signal("SIGRTMIN+3"), Ok(rtmin + 3));
+        assert_eq!(parse_signal("rtmin"), Ok(rtmin));
+        assert_eq!(parse_signal("RTMAX-1"), Ok(libc_sigrtmax() - 1));
+        assert_eq!(parse_signal(&(rtmin + 3).to_string()), Ok(rtmin + 3));
+        assert_eq!(name(rtmin + 3), "SIGRTMIN+3");
+        for bad in ["RTMIN+99", "RTMAX+1", "RTMIN-1", "RTMINX"] {
+            assert!(parse_signal(bad).is_err(), "{bad}");
+        }
         for never_stops in ["STOP", "SIGTSTP", "CONT", "CHLD", "19"] {
             assert!(parse_signal(never_stops).is_err(), "{never_stops}");
         }

@@ -42,7 +42,7 @@ pub struct Supervisor {
     drain_policy: DrainPolicy,
     observers: Observers,
     budget: Budget,
-    stop_signal: Signal,
+    stop_signal: i32,
     /// The drain under way, if any.
     drain: Option<DrainFuture>,
     /// SIGTERM arrived while a prestop drain was under way: stop as soon as it is over.
@@ -275,11 +275,11 @@ impl Supervisor {
     fn stop_app(&mut self) {
         self.handoff_deadline = None;
         info!(
-            signal = self.stop_signal.as_str(),
+            signal = signals::name(self.stop_signal),
             elapsed_ms = self.elapsed_ms(),
             "sending the stop signal to the app"
         );
-        self.app.stop(self.stop_signal);
+        self.app.forward(self.stop_signal);
         self.stop_sent = Some(Instant::now());
         self.lifecycle.apply(Event::StopSignalSent);
     }

@@ -72,6 +72,25 @@ fn stop_signal_is_configurable() {
 }
 
 #[test]
+fn a_real_time_stop_signal_reaches_the_app() {
+    // What systemd running as the app stops on.
+    let script =
+        "trap 'echo got-rtmin3; exit 0' RTMIN+3; echo trapped; while :; do sleep 0.05; done";
+    let mut drainit = Drainit::start(
+        &["--drain-delay", "100ms", "--stop-signal", "SIGRTMIN+3"],
+        &["bash", "-c", script],
+    );
+    drainit.app_line("trapped");
+    drainit.signal(Signal::SIGTERM);
+    drainit.app_line("got-rtmin3");
+    assert_eq!(
+        drainit.log("sending the stop signal")["signal"],
+        "SIGRTMIN+3"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
 fn a_second_sigterm_during_the_drain_is_ignored() {
     let mut drainit = Drainit::demo(&["--drain-delay", "1500ms"], &[]);
     let first = drainit.signal_at(Signal::SIGTERM);
