@@ -86,9 +86,6 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
         run,
         shared,
     } = cli;
-    // A signal mask inherited from whoever started drainit would hold back SIGTERM or SIGCHLD
-    // for good; every thread the runtime starts inherits this one.
-    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -113,11 +110,17 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let started = Instant::now();
     let signals = signals::install()
         .map_err(|e| StartupError::setup(format!("cannot install signal handlers: {e}")))?;
+    // A signal mask inherited from whoever started drainit would hold back SIGTERM or SIGCHLD for
+    // good. Cleared only now that handlers are in place, so a signal held pending until here is
+    // handled, not met with its default action. (The runtime's blocking threads start later, from
+    // this thread, and inherit the cleared mask.)
+    let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
     let probes = health::bind(config.health_listen)?;
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let reaper = Reaper::default();
-    let app = App::spawn(&config.command, config.forward_to_group)?;
+    let app = App::spawn(&config.command, config.forward_to_group)
+        .inspect_err(|_| shared.control.remove_socket_file())?;
     health::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());

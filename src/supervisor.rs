@@ -113,13 +113,7 @@ impl Supervisor {
     fn on_signal(&mut self, signal: i32) {
         match signals::meaning(signal) {
             Meaning::ChildExited => {
-                let orphans_before = self.reaper.orphans_reaped();
-                let app_exit = self.reaper.reap(self.app.pid);
-                self.metrics
-                    .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
-                if let Some(exit) = app_exit {
-                    self.on_app_exit(exit.code, exit.signal);
-                }
+                self.reap();
             }
             Meaning::Drain => self.on_sigterm(),
             Meaning::Interrupt(signal) => self.on_interrupt(signal),
@@ -127,6 +121,18 @@ impl Supervisor {
                 self.forward(signal);
             }
         }
+    }
+
+    /// Collects every exited child; returns whether the app was one of them.
+    fn reap(&mut self) -> bool {
+        let orphans_before = self.reaper.orphans_reaped();
+        let app_exit = self.reaper.reap(self.app.pid);
+        self.metrics
+            .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
+        if let Some(exit) = &app_exit {
+            self.on_app_exit(exit.code, exit.signal);
+        }
+        app_exit.is_some()
     }
 
     fn forward(&mut self, signal: i32) {
@@ -286,6 +292,10 @@ impl Supervisor {
 
     fn on_budget_spent(&mut self) {
         self.kill_deadline = None;
+        // Deadlines are polled before signals: the app may have exited just in time.
+        if self.reap() {
+            return;
+        }
         warn!(
             elapsed_ms = self.elapsed_ms(),
             pgid = self.app.pid.as_raw(),
