@@ -93,20 +93,21 @@ impl App {
     /// After the app exited: SIGKILLs what it left behind, the rest of its process group and
     /// every process drainit adopted (a daemon that left the group with setsid), as the kernel
     /// does to a container's processes when its PID 1 exits. So drainit leaves no stragglers
-    /// when it is not PID 1 either. Returns whether anything was left.
-    pub fn kill_leftovers(&self) -> bool {
-        let mut any_left = signal::killpg(self.pid, None).is_ok();
-        if any_left {
+    /// when it is not PID 1 either. drainit's `own` processes (app checks) are killed too, but
+    /// are not the app's leftovers. Returns whether the app left anything.
+    pub fn kill_leftovers(&self, own: &[Pid]) -> bool {
+        let me = std::process::id() as i32;
+        let mut left = process_tree::descendants_and_self(me);
+        left.retain(|pid| *pid != me && !process_tree::is_zombie(*pid));
+        let group_left = signal::killpg(self.pid, None).is_ok();
+        if group_left {
             send(self.group(), Signal::SIGKILL as i32);
         }
-        let me = std::process::id() as i32;
-        for pid in process_tree::descendants_and_self(me) {
-            if pid != me {
-                any_left = true;
-                send(Pid::from_raw(pid), Signal::SIGKILL as i32);
-            }
+        for pid in &left {
+            send(Pid::from_raw(*pid), Signal::SIGKILL as i32);
         }
-        any_left
+        let apps_own = |pid: &i32| !own.contains(&Pid::from_raw(*pid));
+        left.iter().any(apps_own)
     }
 
     fn group(&self) -> Pid {

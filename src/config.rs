@@ -179,10 +179,10 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
     }
     let quiet_period = args.quiet_period.unwrap_or(QuietPeriod::Auto);
     if let QuietPeriod::Fixed(quiet) = quiet_period
-        && quiet > max
+        && quiet >= max
     {
         return Err(StartupError::usage(format!(
-            "--quiet-period {} is longer than {max_flag} {}: traffic could never count as quiet; lower it or use auto",
+            "--quiet-period {} is not shorter than {max_flag} {}: traffic could never count as quiet; lower it or use auto",
             format_duration(quiet),
             format_duration(max),
         )));

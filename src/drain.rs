@@ -218,9 +218,13 @@ impl WatchedDrain {
             all_drained_since = all.then(|| all_drained_since.unwrap_or(now));
             if let Some(reason) = self.verdict(elapsed, all_drained_since.map(|t| t - started)) {
                 let report = self.report(&observers, started, now, &quiet, &drained_at);
+                // Requests during the drain, not merely too little traffic to size the period.
+                let arrived_while_draining =
+                    report["last_request_ms"].as_i64().is_some_and(|ms| ms >= 0);
                 if reason == EndReason::Cap
                     && self.watches_traffic()
                     && !report["traffic_drained_ms"].is_u64()
+                    && arrived_while_draining
                 {
                     warn!(
                         last_request_ms = %report["last_request_ms"],

@@ -74,6 +74,17 @@ fn children_by_ppid() -> HashMap<i32, Vec<i32>> {
     by_parent
 }
 
+/// Whether `pid` has exited and waits to be reaped (or is gone already).
+pub fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|state| state == "Z")
+        })
+        .unwrap_or(true)
+}
+
 /// The ppid field of a /proc/<pid>/stat line: "pid (comm) state ppid ...". comm may hold spaces
 /// and parentheses, so the fields are counted from its last ')'.
 fn parse_ppid(stat: &str) -> Option<i32> {

@@ -45,6 +45,11 @@ impl Waiters {
         rx
     }
 
+    /// drainit's own processes still running (app checks), so they are not mistaken for the app's.
+    pub fn pids(&self) -> Vec<Pid> {
+        self.lock().keys().copied().collect()
+    }
+
     fn deliver(&self, reaped: Reaped) -> bool {
         match self.lock().remove(&reaped.pid) {
             Some(waiter) => {

@@ -337,7 +337,7 @@ impl Supervisor {
             ),
         }
         self.lifecycle.apply(Event::AppExited { code });
-        if self.app.kill_leftovers() {
+        if self.app.kill_leftovers(&self.reaper.waiters().pids()) {
             warn!("the app left processes behind: killed them");
         }
     }

@@ -326,3 +326,18 @@ fn a_pod_that_was_never_ready_is_stopped_without_a_drain() {
     );
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn an_app_check_still_running_when_the_app_exits_is_not_called_a_leftover() {
+    let mut drainit = Drainit::start(
+        &["--ready-exec", "sleep 3", "--ready-timeout", "5s"],
+        &["sh", "-c", "sleep 0.5; exit 2"],
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 2);
+    assert_eq!(
+        drainit.logs.count(|l| l.contains("left processes behind")),
+        0,
+        "{}",
+        drainit.logs.text()
+    );
+}
