@@ -214,8 +214,13 @@ impl Supervisor {
     }
 
     fn start_drain(&mut self, trigger: DrainTrigger) {
-        // /ready never answered 200: nothing routes requests here, so there is nothing to drain.
-        let never_ready = self.lifecycle.phase() == Phase::Starting;
+        // /ready never answered 200 and the app never had a request: nothing routes traffic here,
+        // so there is nothing to drain. (A load balancer that checks the app's own port instead
+        // of /ready may route to it all the same: its requests are what rules that out.)
+        let never_ready = self.lifecycle.phase() == Phase::Starting
+            && traffic::lock(&self.observers.traffic)
+                .last_activity
+                .is_none();
         if !self.lifecycle.apply(Event::DrainStarted(trigger)) {
             return;
         }

@@ -314,9 +314,26 @@ fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
 
 #[test]
 fn a_pod_that_was_never_ready_is_stopped_without_a_drain() {
+    // Its own network namespace: connections of other tests would count as requests to it.
+    let mut unshare = std::process::Command::new("unshare");
+    unshare
+        .args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$@\"",
+            "sh",
+        ])
+        .arg(common::drainit_bin());
     // Nothing listens on port 1: the app check never passes.
-    let mut drainit = Drainit::demo(&["--ready-tcp", "127.0.0.1:1", "--drain-delay", "20s"], &[]);
-    assert_eq!(ready(&drainit), 503);
+    let demo = common::demo_app_bin();
+    let mut drainit = Drainit::start_with(
+        unshare,
+        &["--ready-tcp", "127.0.0.1:1", "--drain-delay", "20s"],
+        &[demo.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+    );
+    drainit.app_line("demo-app: listening on");
     let drained_after = drainit.drain_time();
     assert!(drained_after < SECS(2), "drained for {drained_after:?}");
     let over = drainit.log("drain over");
