@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
-use crate::drain::lb_probes::{CheckerId, Checkers, KUBELET_AGENT};
+use crate::drain::lb_probes::{self, CheckerId, Checkers};
 use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
@@ -213,8 +213,8 @@ impl Asked<'_> {
     /// For the probe metrics: who asked.
     fn checker_kind(&self) -> &'static str {
         match self.path {
-            _ if self.agent.starts_with(KUBELET_AGENT) => "kubelet",
-            "/ready" | "/alive" => "load_balancer",
+            _ if lb_probes::is_kubelet(self.agent) => "kubelet",
+            "/ready" | "/alive" if lb_probes::may_be_load_balancer(self.agent) => "load_balancer",
             _ => "other",
         }
     }

@@ -179,16 +179,17 @@ fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
     );
     let (code, _) = http_request(
         drainit.health,
-        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: curl/8.5.0\r\nConnection: close\r\n\r\n",
+        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: NLB-probe\r\nConnection: close\r\n\r\n",
     );
     assert_eq!(code, 200);
     drainit.signal(Signal::SIGTERM);
     let (reason, evidence) = evidence(&mut drainit);
-    // One request is no interval: it might be a slow load balancer until it stays away 10 s.
+    // One request is no interval: it might be a slow load balancer (an ALB checks every 30 s)
+    // until it stays away a minute. (A curl/ or browser User-Agent would not count at all.)
     assert!(reason.contains("--drain-max"), "{reason}: {evidence}");
     assert_eq!(
         evidence["lb_checkers_pending"],
-        serde_json::json!(["127.0.0.1 curl/8.5.0"]),
+        serde_json::json!(["127.0.0.1 NLB-probe"]),
         "{evidence}"
     );
     assert_eq!(drainit.exit_code(SECS(5)), 0);

@@ -16,11 +16,21 @@ const RECENT: Duration = Duration::from_secs(60);
 /// A checker whose gap since its last probe exceeds this many of its intervals has stopped
 /// checking (twice, not once: real checkers jitter).
 const STOPPED_AFTER_INTERVALS: u32 = 2;
-/// A client that probed once and not again for this long is not a health checker (a person with
-/// curl, a one-off script), and neither holds a drain nor the start-up gate. A load balancer that
-/// has probed only once has not put the pod in rotation unless it needs a single pass, and those
-/// check every 5-10 s: they come back within this.
-const ONE_OFF_AFTER: Duration = Duration::from_secs(10);
+/// A client that probed once and not again for this long is not a health checker (a one-off
+/// script), and neither holds a drain nor the start-up gate: twice the longest common interval
+/// (AWS ALB/NLB check every 30 s by default).
+const ONE_OFF_AFTER: Duration = Duration::from_secs(60);
+/// User-Agents of tools people and scripts use, never of a load balancer: their requests do not
+/// make a checker (a `curl` of /ready while debugging, a monitoring script).
+const TOOL_AGENTS: [&str; 7] = [
+    "curl/",
+    "Wget/",
+    "Mozilla/",
+    "python-requests/",
+    "Python-urllib/",
+    "HTTPie/",
+    "PostmanRuntime/",
+];
 
 /// One health checker: a source address and the User-Agent it sends (HAProxy and some LBs send
 /// none; several LB nodes each check from their own address).
@@ -32,8 +42,25 @@ pub struct CheckerId {
 
 impl CheckerId {
     pub fn is_kubelet(&self) -> bool {
-        self.agent.starts_with(KUBELET_AGENT)
+        is_kubelet(&self.agent)
     }
+
+    pub fn is_tool(&self) -> bool {
+        !self.is_kubelet() && !self.may_be_load_balancer()
+    }
+
+    pub fn may_be_load_balancer(&self) -> bool {
+        may_be_load_balancer(&self.agent)
+    }
+}
+
+pub fn is_kubelet(agent: &str) -> bool {
+    agent.starts_with(KUBELET_AGENT)
+}
+
+/// A client that might be routing traffic here: not the kubelet, not a tool.
+pub fn may_be_load_balancer(agent: &str) -> bool {
+    !is_kubelet(agent) && !TOOL_AGENTS.iter().any(|tool| agent.starts_with(tool))
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +141,7 @@ impl Checkers {
         drain_started: Instant,
     ) -> impl Iterator<Item = (&CheckerId, &Checker)> {
         self.checkers.iter().filter(move |(id, checker)| {
-            !id.is_kubelet() && checker.last_seen + RECENT >= drain_started
+            id.may_be_load_balancer() && checker.last_seen + RECENT >= drain_started
         })
     }
 
@@ -176,7 +203,7 @@ impl Checkers {
     pub fn last_load_balancer_probe(&self) -> Option<Instant> {
         self.checkers
             .iter()
-            .filter(|(id, _)| !id.is_kubelet())
+            .filter(|(id, _)| id.may_be_load_balancer())
             .map(|(_, c)| c.last_seen)
             .max()
     }
@@ -189,6 +216,7 @@ impl Checkers {
             .map(|(id, c)| {
                 let state = match drain_started {
                     Some(_) if id.is_kubelet() => "kubelet",
+                    Some(_) if id.is_tool() => "tool",
                     Some(_) => match Self::state(c, now, threshold) {
                         CheckerState::Pending => "pending",
                         CheckerState::SawUnhealthy => "saw-unhealthy",
@@ -358,25 +386,44 @@ mod tests {
     #[test]
     fn a_single_probe_holds_the_drain_only_until_it_looks_like_a_one_off() {
         let t0 = Instant::now();
-        let curl = id("10.0.0.3", "curl/8.5.0");
+        let script = id("10.0.0.3", "");
         let mut checkers = Checkers::default();
-        checkers.record(curl.clone(), t0, true, false);
-        assert!(!checkers.drained(t0 + MS(5_000), t0 + MS(100), 2));
-        assert!(checkers.drained(t0 + MS(10_100), t0 + MS(100), 2));
+        checkers.record(script.clone(), t0, true, false);
+        assert!(
+            !checkers.drained(t0 + MS(30_000), t0 + MS(100), 2),
+            "may be an ALB"
+        );
+        assert!(checkers.drained(t0 + MS(60_100), t0 + MS(100), 2));
     }
 
     #[test]
-    fn a_one_off_request_does_not_hold_the_start_up_gate() {
+    fn tools_are_never_load_balancers() {
+        let t0 = Instant::now();
+        let lb = id("10.0.0.1", "ELB-HealthChecker/2.0");
+        let mut checkers = Checkers::default();
+        checkers.record(id("10.0.0.9", "curl/8.5.0"), t0, true, false);
+        checkers.record(id("10.0.0.8", "Mozilla/5.0 (X11)"), t0, true, false);
+        assert!(
+            !checkers.all_healthy(t0, 2),
+            "nothing but tools: no load balancer yet"
+        );
+        probe(&mut checkers, &lb, t0, MS(1000), 2, t0 + MS(60_000));
+        assert!(checkers.all_healthy(t0 + MS(1000), 2));
+        assert_eq!(checkers.load_balancer_count(t0), 1);
+    }
+
+    #[test]
+    fn a_one_off_request_holds_the_start_up_gate_for_a_minute_at_most() {
         let t0 = Instant::now();
         let lb = id("10.0.0.1", "HAProxy");
-        let curl = id("10.0.0.9", "curl/8.5.0");
+        let script = id("10.0.0.9", "");
         let mut checkers = Checkers::default();
-        checkers.record(curl, t0, true, false);
-        probe(&mut checkers, &lb, t0, MS(1000), 3, t0 + MS(60_000));
+        checkers.record(script, t0, true, false);
+        probe(&mut checkers, &lb, t0, MS(1000), 62, t0 + MS(100_000));
         assert!(
             !checkers.all_healthy(t0 + MS(2000), 2),
-            "curl may be a slow LB"
+            "may be an ALB node"
         );
-        assert!(checkers.all_healthy(t0 + MS(10_100), 2));
+        assert!(checkers.all_healthy(t0 + MS(60_100), 2));
     }
 }
