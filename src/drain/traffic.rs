@@ -289,21 +289,21 @@ pub async fn monitor(
     };
     let mut ports_looked_up: Option<Instant> = None;
     let mut sockets_read: Option<Instant> = None;
+    let mut stop_seen = false;
     loop {
         let State {
             phase: current,
             drain_started,
             ..
         } = *state.borrow_and_update();
-        if matches!(current, Phase::Stopping) {
-            // Before this iteration's readings are taken: see `Traffic::late_events`.
+        // The first look after the stop signal closes the window that straddles it, so that
+        // later readings count as late (see `Traffic::late_events`).
+        let first_look_after_stop = matches!(current, Phase::Stopping) && !stop_seen;
+        if first_look_after_stop {
+            stop_seen = true;
             lock(&traffic).mark_stopped(Instant::now());
         }
-        let cadence = if current.drain_has_started() {
-            DURING_DRAIN
-        } else {
-            BEFORE_DRAIN
-        };
+        let cadence = Cadence::of(current);
         let ports_known = !lock(&traffic).ports.is_empty();
         let rediscover = if ports_known {
             REDISCOVER_PORTS
@@ -326,10 +326,11 @@ pub async fn monitor(
         // A dump walks the node's whole connection table: before the drain, skip it while the
         // app has no connection and has accepted none (a probe racing the counter can hide one
         // briefly, hence the bound). During the drain, always look.
-        let dump_sockets = is_due(sockets_read, cadence.sockets)
-            && (current.drain_has_started()
-                || is_due(sockets_read, SKIPPED_DUMPS_AT_MOST)
-                || lock(&traffic).sockets_may_have_changed());
+        let dump_sockets = first_look_after_stop
+            || (is_due(sockets_read, cadence.sockets)
+                && (current.drain_has_started()
+                    || is_due(sockets_read, SKIPPED_DUMPS_AT_MOST)
+                    || lock(&traffic).sockets_may_have_changed()));
         let ports = lock(&traffic).ports.clone();
         let own = own_accepts.load(Ordering::Relaxed);
         let (back, observation) = observe(sampler.take(), dump_sockets.then_some(ports), own).await;
@@ -367,6 +368,16 @@ struct Cadence {
     sockets: Duration,
 }
 
+impl Cadence {
+    fn of(phase: Phase) -> Self {
+        match phase {
+            Phase::Stopping | Phase::Exited { .. } => AFTER_STOP,
+            _ if phase.drain_has_started() => DURING_DRAIN,
+            _ => BEFORE_DRAIN,
+        }
+    }
+}
+
 /// Before the drain only the arrival rate is needed (kept-alive requests seen less often only
 /// make the rate look lower, and the quiet period longer).
 const BEFORE_DRAIN: Cadence = Cadence {
@@ -378,6 +389,12 @@ const BEFORE_DRAIN: Cadence = Cadence {
 const DURING_DRAIN: Cadence = Cadence {
     counter: Duration::from_millis(100),
     sockets: Duration::from_millis(500),
+};
+/// After the stop signal, until the app exits (seconds at most): late arrivals are worth seeing
+/// before the app is gone.
+const AFTER_STOP: Cadence = Cadence {
+    counter: Duration::from_millis(100),
+    sockets: Duration::from_millis(200),
 };
 /// Before the drain, the longest an idle app goes without a socket dump.
 const SKIPPED_DUMPS_AT_MOST: Duration = Duration::from_secs(10);
