@@ -60,8 +60,13 @@ impl AppCheck {
         if uri.host().is_none_or(str::is_empty) {
             return Err(bad("no host"));
         }
-        // The URI parser drops a port it cannot read (99999), which would mean port 80.
         let authority = uri.authority().map_or("", |a| a.as_str());
+        if authority.contains('@') {
+            return Err(bad(
+                "credentials are not sent: check an unauthenticated health path",
+            ));
+        }
+        // The URI parser drops a port it cannot read (99999), which would mean port 80.
         let after_host = authority
             .rsplit_once(']')
             .map_or(authority, |(_, rest)| rest);
@@ -411,6 +416,7 @@ mod tests {
             "not a url",
             "http://127.0.0.1:99999/",
             "http://[::1]:0/",
+            "http://user:pass@127.0.0.1:8080/healthz",
         ] {
             assert!(AppCheck::http(bad).is_err(), "{bad}");
         }
