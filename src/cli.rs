@@ -172,6 +172,20 @@ pub struct RunArgs {
     /// The app and its arguments, after `--`.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<OsString>,
+
+    /// The options that came from `DRAINIT_*` variables rather than the command line, by id
+    /// (`drain_min`): a variable with no effect here is a warning (a ConfigMap shared by several
+    /// pods), a flag with no effect an error.
+    #[arg(skip)]
+    pub from_env: Vec<String>,
+}
+
+impl RunArgs {
+    /// Whether `flag` (`--drain-min`) was set by its `DRAINIT_*` variable.
+    pub fn is_from_env(&self, flag: &str) -> bool {
+        let id = flag.trim_start_matches('-').replace('-', "_");
+        self.from_env.contains(&id)
+    }
 }
 
 /// Options that both `drainit` and `drainit prestop` take.
@@ -219,7 +233,18 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    Cli::try_parse_from(args).map_err(one_line_error)
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command()
+        .try_get_matches_from(args)
+        .map_err(one_line_error)?;
+    let mut cli = Cli::from_arg_matches(&matches).map_err(one_line_error)?;
+    cli.run.from_env = matches
+        .ids()
+        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::EnvVariable))
+        .map(|id| id.as_str().to_owned())
+        .collect();
+    Ok(cli)
 }
 
 /// clap's errors span several lines with usage and tips; a container log wants one line that says

@@ -4,10 +4,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tracing::warn;
+
 use crate::app::AppCommand;
 use crate::budget::Budget;
-use crate::cli::RunArgs;
-use crate::cli::format_duration;
+use crate::cli::{RunArgs, format_duration};
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
@@ -78,11 +79,11 @@ fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
             ("--ready-interval", args.ready_interval.is_some()),
             ("--ready-timeout", args.ready_timeout.is_some()),
         ];
-        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
-            return Err(StartupError::usage(format!(
-                "{flag} only applies to an app check: add --ready-http, --ready-tcp or --ready-exec (or drop {flag})"
-            )));
-        }
+        refuse_stray(
+            args,
+            &stray,
+            "an app check: add --ready-http, --ready-tcp or --ready-exec",
+        )?;
     }
     let interval = args.ready_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
     let timeout = args.ready_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
@@ -143,12 +144,14 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
             ),
         ];
         refuse_stray(
+            args,
             &stray,
             "a watched drain: add --drain-watch traffic,lb-probes",
         )?;
         return Ok(DrainPolicy::Fixed(delay));
     }
     refuse_stray(
+        args,
         &[(
             "--quiet-period",
             args.quiet_period.is_some() && !watchers.contains(&Watcher::Traffic),
@@ -156,6 +159,7 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
         "--drain-watch traffic",
     )?;
     refuse_stray(
+        args,
         &[(
             "--lb-unhealthy-threshold",
             args.lb_unhealthy_threshold.is_some() && !watchers.contains(&Watcher::LbProbes),
@@ -163,9 +167,13 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
         "--drain-watch lb-probes",
     )?;
     if args.drain_delay.is_some() && args.drain_max.is_some() {
-        return Err(StartupError::usage(
-            "--drain-delay and --drain-max both set the longest watched drain: keep --drain-max (or drop --drain-watch for a fixed delay)",
-        ));
+        let message = "--drain-delay and --drain-max both set the longest watched drain";
+        if !args.is_from_env("--drain-delay") && !args.is_from_env("--drain-max") {
+            return Err(StartupError::usage(format!(
+                "{message}: keep --drain-max (or drop --drain-watch for a fixed delay)"
+            )));
+        }
+        warn!("{message}: --drain-max wins, --drain-delay is ignored");
     }
     let max = args.drain_max.unwrap_or(delay);
     let min = args.drain_min.unwrap_or(DEFAULT_DRAIN_MIN);
@@ -207,12 +215,26 @@ fn longest_drain_flag(args: &RunArgs) -> String {
     }
 }
 
-/// An option given where it has no effect is an error, never silently ignored.
-fn refuse_stray(options: &[(&str, bool)], applies_to: &str) -> Result<(), StartupError> {
-    match options.iter().find(|(_, given)| *given) {
-        Some((flag, _)) => Err(StartupError::usage(format!(
-            "{flag} only applies to {applies_to} (or drop {flag})"
-        ))),
-        None => Ok(()),
+/// An option given where it has no effect is never silently ignored: on the command line it is
+/// an error; from a `DRAINIT_*` variable (perhaps shared by several pods) a warning.
+fn refuse_stray(
+    args: &RunArgs,
+    options: &[(&str, bool)],
+    applies_to: &str,
+) -> Result<(), StartupError> {
+    for (flag, _) in options.iter().filter(|(_, given)| *given) {
+        if !args.is_from_env(flag) {
+            return Err(StartupError::usage(format!(
+                "{flag} only applies to {applies_to} (or drop {flag})"
+            )));
+        }
+        let variable = format!(
+            "DRAINIT_{}",
+            flag.trim_start_matches('-')
+                .replace('-', "_")
+                .to_uppercase()
+        );
+        warn!("{variable} is ignored: {flag} only applies to {applies_to}");
     }
+    Ok(())
 }

@@ -297,6 +297,42 @@ fn bad_environment_values_are_usage_errors_too() {
 }
 
 #[test]
+fn a_variable_with_no_effect_is_a_warning_where_the_flag_is_an_error() {
+    // A ConfigMap shared by pods that do and do not watch their drain must not crash-loop some.
+    let mut drainit = Drainit::start_with(
+        {
+            let mut cmd = Command::new(drainit_bin());
+            cmd.env("DRAINIT_DRAIN_MIN", "500ms")
+                .env("DRAINIT_DRAIN_DELAY", "20s");
+            cmd
+        },
+        &[
+            "--drain-watch",
+            "traffic",
+            "--drain-max",
+            "2s",
+            "--grace-period",
+            "10s",
+        ],
+        &["sleep", "30"],
+    );
+    drainit.log("--drain-max wins, --drain-delay is ignored");
+    drainit.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(Duration::from_secs(10)), 143);
+    let mut lonely = Drainit::start_with(
+        {
+            let mut cmd = Command::new(drainit_bin());
+            cmd.env("DRAINIT_QUIET_PERIOD", "2s");
+            cmd
+        },
+        &[],
+        &["true"],
+    );
+    lonely.log("DRAINIT_QUIET_PERIOD is ignored: --quiet-period only applies to a watched drain");
+    assert_eq!(lonely.exit_code(Duration::from_secs(5)), 0);
+}
+
+#[test]
 fn a_drain_that_does_not_fit_the_grace_period_says_what_would() {
     assert_refused(
         &["--drain-delay", "40s", "--grace-period", "30s"],
