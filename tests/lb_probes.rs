@@ -11,6 +11,23 @@ use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// drainit around the demo app, its drain watched by `lb-probes` between `min` and `max`.
+fn watching_lb_probes(min: &str, max: &str, grace_period: &str) -> Drainit {
+    Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            min,
+            "--drain-max",
+            max,
+            "--grace-period",
+            grace_period,
+        ],
+        &[],
+    )
+}
+
 fn evidence(drainit: &mut Drainit) -> (String, serde_json::Value) {
     let over = drainit.log("drain over");
     let reason = over["reason"].as_str().unwrap().to_owned();
@@ -19,19 +36,7 @@ fn evidence(drainit: &mut Drainit) -> (String, serde_json::Value) {
 
 #[test]
 fn the_drain_ends_once_every_load_balancer_saw_two_503s_and_the_kubelet_does_not_count() {
-    let mut drainit = Drainit::demo(
-        &[
-            "--drain-watch",
-            "lb-probes",
-            "--drain-min",
-            "200ms",
-            "--drain-max",
-            "20s",
-            "--grace-period",
-            "25s",
-        ],
-        &[],
-    );
+    let mut drainit = watching_lb_probes("200ms", "20s", "25s");
     let _lb = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
     let _kubelet = Checker::start(
         &drainit,
@@ -92,19 +97,7 @@ fn a_load_balancer_that_stops_checking_counts_as_drained() {
 #[test]
 fn a_slow_checker_holds_the_drain_until_its_second_503() {
     // Checking every 0.9 s, it cannot have seen two 503s sooner than 0.9 s after SIGTERM.
-    let mut drainit = Drainit::demo(
-        &[
-            "--drain-watch",
-            "lb-probes",
-            "--drain-min",
-            "0",
-            "--drain-max",
-            "2s",
-            "--grace-period",
-            "5s",
-        ],
-        &[],
-    );
+    let mut drainit = watching_lb_probes("0", "2s", "5s");
     let _slow = Checker::start(&drainit, "HAProxy", Duration::from_millis(900), false);
     thread::sleep(Duration::from_millis(2000));
     let drained_after = drainit.drain_time();
@@ -164,19 +157,7 @@ fn status_shows_each_checker_and_the_policy() {
 
 #[test]
 fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
-    let mut drainit = Drainit::demo(
-        &[
-            "--drain-watch",
-            "lb-probes",
-            "--drain-min",
-            "200ms",
-            "--drain-max",
-            "2s",
-            "--grace-period",
-            "10s",
-        ],
-        &[],
-    );
+    let mut drainit = watching_lb_probes("200ms", "2s", "10s");
     let (code, _) = http_request(
         drainit.health,
         "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: NLB-probe\r\nConnection: close\r\n\r\n",
