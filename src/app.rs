@@ -57,7 +57,7 @@ impl App {
         builder.args(&command.args).process_group(0);
         if owns_terminal_foreground() {
             // SAFETY: the closure runs in the forked child before exec and only makes
-            // async-signal-safe calls (setpgid, sigaction, tcsetpgrp) on values it owns.
+            // async-signal-safe calls (setpgid, sigaction, tcsetpgrp) on fd 0, allocating nothing.
             unsafe { builder.pre_exec(take_terminal_foreground) };
         }
         let child = builder
@@ -186,11 +186,14 @@ fn owns_terminal_foreground() -> bool {
 /// group changing the foreground gets SIGTTOU unless it ignores it, so it is ignored for the call
 /// and restored after (exec keeps ignored signals ignored).
 fn take_terminal_foreground() -> io::Result<()> {
-    let stdin = io::stdin();
+    // Not io::stdin(): a forked child must not initialise Rust's stdin (it allocates).
+    // SAFETY: fd 0 is open for the whole call: the parent found a terminal on it just before
+    // forking, and the child inherits it.
+    let stdin = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
     unistd::setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
     // SAFETY: SIG_IGN and SIG_DFL install no Rust code as a handler.
     unsafe { signal::signal(Signal::SIGTTOU, SigHandler::SigIgn) }?;
-    let foreground = unistd::tcsetpgrp(&stdin, unistd::getpgrp());
+    let foreground = unistd::tcsetpgrp(stdin, unistd::getpgrp());
     // SAFETY: as above.
     unsafe { signal::signal(Signal::SIGTTOU, SigHandler::SigDfl) }?;
     foreground.map_err(io::Error::from)
