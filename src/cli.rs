@@ -183,9 +183,18 @@ pub struct RunArgs {
 impl RunArgs {
     /// Whether `flag` (`--drain-min`) was set by its `DRAINIT_*` variable.
     pub fn is_from_env(&self, flag: &str) -> bool {
-        let id = flag.trim_start_matches('-').replace('-', "_");
-        self.from_env.contains(&id)
+        self.from_env.contains(&option_id(flag))
     }
+}
+
+/// The variable that sets `flag`: `--drain-min` is `DRAINIT_DRAIN_MIN`.
+pub fn env_variable(flag: &str) -> String {
+    format!("DRAINIT_{}", option_id(flag).to_uppercase())
+}
+
+/// clap's id of `flag`: `--drain-min` is `drain_min`.
+fn option_id(flag: &str) -> String {
+    flag.trim_start_matches('-').replace('-', "_")
 }
 
 /// Options that both `drainit` and `drainit prestop` take.

@@ -8,7 +8,7 @@ use tracing::warn;
 
 use crate::app::AppCommand;
 use crate::budget::Budget;
-use crate::cli::{RunArgs, format_duration};
+use crate::cli::{RunArgs, env_variable, format_duration};
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
@@ -228,12 +228,7 @@ fn refuse_stray(
                 "{flag} only applies to {applies_to} (or drop {flag})"
             )));
         }
-        let variable = format!(
-            "DRAINIT_{}",
-            flag.trim_start_matches('-')
-                .replace('-', "_")
-                .to_uppercase()
-        );
+        let variable = env_variable(flag);
         warn!("{variable} is ignored: {flag} only applies to {applies_to}");
     }
     Ok(())

@@ -78,18 +78,19 @@ fn children_by_ppid() -> HashMap<i32, Vec<i32>> {
 pub fn is_zombie(pid: i32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|stat| {
-            let rest = &stat[stat.rfind(')')? + 1..];
-            rest.split_whitespace().next().map(|state| state == "Z")
-        })
+        .and_then(|stat| stat_fields(&stat)?.next().map(|state| state == "Z"))
         .unwrap_or(true)
 }
 
 /// The ppid field of a /proc/<pid>/stat line: "pid (comm) state ppid ...". comm may hold spaces
 /// and parentheses, so the fields are counted from its last ')'.
 fn parse_ppid(stat: &str) -> Option<i32> {
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
+    stat_fields(stat)?.nth(1)?.parse().ok()
+}
+
+/// The fields of a /proc/<pid>/stat line after "pid (comm)", from the state on.
+fn stat_fields(stat: &str) -> Option<std::str::SplitWhitespace<'_>> {
+    Some(stat[stat.rfind(')')? + 1..].split_whitespace())
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ impl CheckerId {
     }
 
     pub fn is_tool(&self) -> bool {
-        !self.is_kubelet() && !self.may_be_load_balancer()
+        is_tool(&self.agent)
     }
 
     pub fn may_be_load_balancer(&self) -> bool {
@@ -58,9 +58,13 @@ pub fn is_kubelet(agent: &str) -> bool {
     agent.starts_with(KUBELET_AGENT)
 }
 
+pub fn is_tool(agent: &str) -> bool {
+    TOOL_AGENTS.iter().any(|tool| agent.starts_with(tool))
+}
+
 /// A client that might be routing traffic here: not the kubelet, not a tool.
 pub fn may_be_load_balancer(agent: &str) -> bool {
-    !is_kubelet(agent) && !TOOL_AGENTS.iter().any(|tool| agent.starts_with(tool))
+    !is_kubelet(agent) && !is_tool(agent)
 }
 
 #[derive(Debug, Clone)]
