@@ -5,25 +5,23 @@
 //! Numbers, not assertions: a shared 2-core CI machine makes timed asserts flaky; the report
 //! marks each bar so a regression is plain to see.
 
-use std::io::{BufRead, BufReader, Read, Write};
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{Receiver, channel};
+use std::process::{Child, Command};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{Drainit, drainit_bin, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const RUNS: usize = 15;
 
-fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-/// The example app next to drainit; `cargo bench` does not build examples, so build it if needed.
-fn demo_app_bin() -> PathBuf {
+/// `cargo bench` does not build examples: build the demo app if it is missing.
+fn build_demo_app() {
     let app = drainit_bin().parent().unwrap().join("examples/demo_app");
     if !app.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -36,90 +34,16 @@ fn demo_app_bin() -> PathBuf {
             "cargo build --release --example demo_app failed"
         );
     }
-    app
 }
 
-struct Run {
-    child: Child,
-    health: SocketAddr,
-    app_lines: Receiver<(Instant, String)>,
-}
-
-fn lines(stream: impl Read + Send + 'static) -> Receiver<(Instant, String)> {
-    let (tx, rx) = channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            let _ = tx.send((Instant::now(), line));
+/// When `child` exited and its exit code, polled finely: the budget kill's timing is measured
+/// by it.
+fn exit_time(child: &mut Child) -> (Instant, Option<i32>) {
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return (Instant::now(), status.code());
         }
-    });
-    rx
-}
-
-fn start(options: &[&str], app_options: &[&str], n: usize) -> Run {
-    let control = format!("@drainit-bench-{}-{n}", std::process::id());
-    let mut child = Command::new(drainit_bin())
-        .args([
-            "--log-format",
-            "json",
-            "--health-listen",
-            "127.0.0.1:0",
-            "--control",
-            &control,
-        ])
-        .args(options)
-        .arg("--")
-        .arg(demo_app_bin())
-        .args(["--listen", "127.0.0.1:0"])
-        .args(app_options)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn drainit");
-    let logs = lines(child.stderr.take().unwrap());
-    let app_lines = lines(child.stdout.take().unwrap());
-    let health = loop {
-        let (_, line) = logs
-            .recv_timeout(Duration::from_secs(10))
-            .expect("drainit did not start");
-        if line.contains("probe server listening") {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-            break v["addr"].as_str().unwrap().parse().unwrap();
-        }
-    };
-    thread::spawn(move || for _ in logs {});
-    let run = Run {
-        child,
-        health,
-        app_lines,
-    };
-    run.wait_line("demo-app: listening");
-    run
-}
-
-impl Run {
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    fn wait_line(&self, prefix: &str) -> Instant {
-        loop {
-            let (at, line) = self
-                .app_lines
-                .recv_timeout(Duration::from_secs(20))
-                .expect("app line");
-            if line.starts_with(prefix) {
-                return at;
-            }
-        }
-    }
-
-    fn wait_exit(&mut self) -> (Instant, Option<i32>) {
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (Instant::now(), status.code());
-            }
-            thread::sleep(Duration::from_micros(200));
-        }
+        thread::sleep(Duration::from_micros(200));
     }
 }
 
@@ -207,9 +131,9 @@ fn watching_cost(connections: usize) {
         "--grace-period",
         "25s",
     ];
-    let mut run = start(&watch, &[], 3 * RUNS + connections);
+    let mut run = Drainit::demo(&watch, &[]);
     let app: SocketAddr = loop {
-        let status = http_get(run.health, "/status");
+        let status = get_json(run.health, "/status");
         let port = status["traffic"]["ports"].get(0).and_then(|p| p.as_u64());
         if let Some(port) = port {
             break SocketAddr::from(([127, 0, 0, 1], port as u16));
@@ -231,14 +155,12 @@ fn watching_cost(connections: usize) {
     );
     drop(open);
     kill(run.pid(), Signal::SIGINT).unwrap();
-    run.wait_exit();
+    exit_time(&mut run.child);
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> serde_json::Value {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+/// The JSON body of GET `path`, or null.
+fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let (_, response) = http_get(addr, path);
     serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap_or("null")).unwrap_or_default()
 }
 
@@ -248,7 +170,7 @@ fn abs_diff(a: Instant, b: Instant) -> Duration {
 
 fn main() {
     // `cargo bench` passes --bench; anything else (a filter) is ignored.
-    demo_app_bin();
+    build_demo_app();
     println!(
         "drainit timeline report: {RUNS} runs each, release binary {}",
         drainit_bin().display()
@@ -256,28 +178,27 @@ fn main() {
     let mut flips = Vec::new();
     let mut stop_errors = Vec::new();
     let mut kill_errors = Vec::new();
-    for n in 0..RUNS {
+    for _ in 0..RUNS {
         // Readiness flip and stop-signal accuracy: drain 300ms.
-        let mut run = start(&["--drain-delay", "300ms", "--grace-period", "3s"], &[], n);
+        let mut run = Drainit::demo(&["--drain-delay", "300ms", "--grace-period", "3s"], &[]);
         let mut prober = Prober::new(run.health);
         assert_eq!(prober.ready(), 200);
         let sigterm = Instant::now();
         kill(run.pid(), Signal::SIGTERM).unwrap();
         while prober.ready() != 503 {}
         flips.push(sigterm.elapsed());
-        let stop = run.wait_line("demo-app: signal TERM");
+        let stop = run.app_line("demo-app: signal TERM").at;
         stop_errors.push(abs_diff(stop, sigterm + Duration::from_millis(300)));
-        run.wait_exit();
+        exit_time(&mut run.child);
 
         // Budget kill accuracy: an app that ignores the stop signal, grace 1.5s -> kill at 0.5s.
-        let mut run = start(
+        let mut run = Drainit::demo(
             &["--drain-delay", "0", "--grace-period", "2s"],
             &["--ignore-term", "--spawn-grandchild"],
-            RUNS + n,
         );
         let sigterm = Instant::now();
         kill(run.pid(), Signal::SIGTERM).unwrap();
-        let (exited, code) = run.wait_exit();
+        let (exited, code) = exit_time(&mut run.child);
         assert_eq!(code, Some(137), "budget kill must exit 137");
         kill_errors.push(abs_diff(exited, sigterm + Duration::from_secs(1)));
     }
@@ -298,7 +219,7 @@ fn main() {
     );
 
     // Probe latency and footprint of one long-lived drainit.
-    let mut run = start(&[], &[], 2 * RUNS);
+    let mut run = Drainit::demo(&[], &[]);
     let mut prober = Prober::new(run.health);
     let latencies: Vec<Duration> = (0..2000)
         .map(|_| {
@@ -329,7 +250,7 @@ fn main() {
         size as f64 / 1048576.0
     );
     kill(run.pid(), Signal::SIGINT).unwrap();
-    run.wait_exit();
+    exit_time(&mut run.child);
 
     watching_cost(0);
     watching_cost(2000);
@@ -355,7 +276,7 @@ fn ready_latency_while_the_app_check_hangs() {
         "--ready-timeout",
         "5s",
     ];
-    let mut run = start(&options, &[], 4 * RUNS + 1);
+    let mut run = Drainit::demo(&options, &[]);
     let mut prober = Prober::new(run.health);
     let latencies: Vec<Duration> = (0..2000)
         .map(|_| {
@@ -370,6 +291,6 @@ fn ready_latency_while_the_app_check_hangs() {
         Bar::P99(Duration::from_millis(1)),
     );
     kill(run.pid(), Signal::SIGINT).unwrap();
-    run.wait_exit();
+    exit_time(&mut run.child);
     drop(accept);
 }
