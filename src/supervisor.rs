@@ -193,21 +193,15 @@ impl Supervisor {
                 "drain cut short: forwarding to the app now"
             );
             if self.drain.take().is_some() {
-                let elapsed = self.lifecycle.drain_elapsed().unwrap_or_default();
                 let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
-                info!(
-                    reason = EndReason::Interrupted.as_str(),
-                    elapsed_ms = elapsed.as_millis() as u64,
-                    evidence = %self.observers.evidence(started),
-                    "drain over"
-                );
-                self.metrics
-                    .drain_ended(EndReason::Interrupted.label(), elapsed);
+                self.report_drain_end(&DrainEnd {
+                    reason: EndReason::Interrupted,
+                    elapsed: started.elapsed(),
+                    report: self.observers.evidence(started),
+                });
             }
-            self.handoff_deadline = None;
             self.forward(signal);
-            self.stop_sent = Some(Instant::now());
-            self.lifecycle.apply(Event::StopSignalSent);
+            self.stop_signal_sent();
         } else {
             self.forward(signal);
         }
@@ -256,13 +250,7 @@ impl Supervisor {
             Phase::Draining { trigger } => trigger,
             _ => return,
         };
-        info!(
-            reason = end.reason.as_str(),
-            elapsed_ms = end.elapsed.as_millis() as u64,
-            evidence = %end.report,
-            "drain over"
-        );
-        self.metrics.drain_ended(end.reason.label(), end.elapsed);
+        self.report_drain_end(&end);
         self.lifecycle.apply(Event::DrainOver);
         if trigger == DrainTrigger::Sigterm || self.sigterm_during_prestop {
             self.stop_app();
@@ -275,6 +263,17 @@ impl Supervisor {
         }
     }
 
+    /// Every drain, however it ended, gets one `drain over` line with its evidence.
+    fn report_drain_end(&self, end: &DrainEnd) {
+        info!(
+            reason = end.reason.as_str(),
+            elapsed_ms = end.elapsed.as_millis() as u64,
+            evidence = %end.report,
+            "drain over"
+        );
+        self.metrics.drain_ended(end.reason.label(), end.elapsed);
+    }
+
     fn on_handoff_timeout(&mut self) {
         warn!(
             elapsed_ms = self.elapsed_ms(),
@@ -284,13 +283,18 @@ impl Supervisor {
     }
 
     fn stop_app(&mut self) {
-        self.handoff_deadline = None;
         info!(
             signal = signals::name(self.stop_signal),
             elapsed_ms = self.elapsed_ms(),
             "sending the stop signal to the app"
         );
         self.app.forward(self.stop_signal);
+        self.stop_signal_sent();
+    }
+
+    /// The app has been told to stop (the stop signal, or an operator's INT or QUIT).
+    fn stop_signal_sent(&mut self) {
+        self.handoff_deadline = None;
         self.stop_sent = Some(Instant::now());
         self.lifecycle.apply(Event::StopSignalSent);
     }
