@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
@@ -58,6 +59,22 @@ impl HealthServer {
     fn url(&self) -> String {
         format!("http://{}/healthz", self.addr)
     }
+}
+
+/// drainit in a new namespace of `kind` (`--net`, `--mount`), once `setup` has run there.
+fn in_new_namespace(kind: &str, setup: &str) -> Command {
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args([
+            kind,
+            "--",
+            "sh",
+            "-c",
+            &format!("{setup} && exec \"$@\""),
+            "sh",
+        ])
+        .arg(common::drainit_bin());
+    unshare
 }
 
 fn ready(drainit: &Drainit) -> u16 {
@@ -274,7 +291,6 @@ fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
 #[test]
 fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
     use std::os::unix::fs::PermissionsExt;
-    use std::process::Command;
 
     // A name server that never answers, seen only by this drainit (its own mount namespace).
     let silent_dns = std::net::UdpSocket::bind("127.0.0.77:53").unwrap();
@@ -286,15 +302,10 @@ fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
     )
     .unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let mut unshare = Command::new("unshare");
-    unshare
-        .args(["--mount", "--", "sh", "-c"])
-        .arg(format!(
-            "mount --bind {} /etc/resolv.conf && exec \"$@\"",
-            resolv.display()
-        ))
-        .arg("sh")
-        .arg(common::drainit_bin());
+    let unshare = in_new_namespace(
+        "--mount",
+        &format!("mount --bind {} /etc/resolv.conf", resolv.display()),
+    );
     let mut drainit = Drainit::start_with(
         unshare,
         &["--ready-tcp", "app.example:80", "--ready-timeout", "1s"],
@@ -315,17 +326,7 @@ fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
 #[test]
 fn a_pod_that_was_never_ready_is_stopped_without_a_drain() {
     // Its own network namespace: connections of other tests would count as requests to it.
-    let mut unshare = std::process::Command::new("unshare");
-    unshare
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$@\"",
-            "sh",
-        ])
-        .arg(common::drainit_bin());
+    let unshare = in_new_namespace("--net", "ip link set lo up");
     // Nothing listens on port 1: the app check never passes.
     let demo = common::demo_app_bin();
     let mut drainit = Drainit::start_with(
