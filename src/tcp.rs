@@ -137,7 +137,7 @@ impl TcpSampler {
     }
 
     /// Every listening TCP socket: (local port, inode), IPv4 and IPv6.
-    pub fn listeners(&mut self) -> io::Result<Vec<(u16, u32)>> {
+    pub fn listeners(&mut self) -> io::Result<Vec<Listener>> {
         let mut listeners = Vec::new();
         for family in [AF_INET, AF_INET6] {
             self.dump(
@@ -310,19 +310,71 @@ pub fn parse_passive_opens(snmp: &str) -> Option<u64> {
     values.split_whitespace().nth(index)?.parse().ok()
 }
 
-/// The ports that processes of the tree rooted at `root` (root and all its descendants, found
-/// via /proc/<pid>/task/*/children or the ppid field of /proc/<pid>/stat) listen on: match the
-/// `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`. Sorted, deduplicated.
-/// Unreadable /proc entries (processes that just exited) are skipped, never an error.
-pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> {
+/// A listening TCP socket: its local port and its inode (what ties it to a process's fd).
+pub type Listener = (u16, u32);
+
+/// Every listening TCP socket of the namespace, IPv4 and IPv6: from sock_diag when there is a
+/// sampler and it answers, else from /proc/net/tcp{,6} (sandboxes such as gVisor or qemu-user
+/// have no sock_diag). Empty when neither can be read.
+pub fn listeners(sampler: Option<&mut TcpSampler>) -> Vec<Listener> {
+    sampler
+        .and_then(|sampler| sampler.listeners().ok())
+        .unwrap_or_else(|| listeners_from_proc().unwrap_or_default())
+}
+
+/// The listening sockets of /proc/net/tcp and /proc/net/tcp6. Costs more than a sock_diag dump
+/// (the files list every socket, connections included), hence only a fallback.
+pub fn listeners_from_proc() -> io::Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    let mut readable = false;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(table) = fs::read_to_string(file) {
+            readable = true;
+            listeners.extend(parse_proc_net_listeners(&table));
+        }
+    }
+    if readable {
+        Ok(listeners)
+    } else {
+        Err(invalid(
+            "neither /proc/net/tcp nor /proc/net/tcp6 can be read",
+        ))
+    }
+}
+
+/// The LISTEN (state 0A) lines of a /proc/net/tcp table: "sl local rem st tx:rx tr:when retr
+/// uid timeout inode ...", the local address as hex IP:PORT.
+fn parse_proc_net_listeners(table: &str) -> Vec<Listener> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&LISTEN) {
+                return None;
+            }
+            let port = fields.get(1)?.rsplit_once(':')?.1;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            let inode = fields.get(9)?.parse().ok()?;
+            Some((port, inode))
+        })
+        .collect()
+}
+
+/// The listening sockets that processes of the tree rooted at `root` (root and all its
+/// descendants) hold: match the `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`.
+/// Sorted, deduplicated. Unreadable /proc entries (processes that just exited) are skipped,
+/// never an error.
+pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> Vec<Listener> {
     let port_of: HashMap<u32, u16> = listeners
         .iter()
         .filter(|(_, inode)| *inode != 0)
         .map(|&(port, inode)| (inode, port))
         .collect();
-    let mut ports = Vec::new();
+    let mut sockets = Vec::new();
     if port_of.is_empty() {
-        return ports;
+        return sockets;
     }
     for pid in process_tree::descendants_and_self(root.as_raw()) {
         let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -337,12 +389,25 @@ pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> 
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u32>().ok());
-            if let Some(&port) = inode.and_then(|inode| port_of.get(&inode)) {
-                ports.push(port);
+            if let Some(inode) = inode
+                && let Some(&port) = port_of.get(&inode)
+            {
+                sockets.push((port, inode));
             }
         }
     }
-    ports.sort_unstable();
+    sockets.sort_unstable();
+    sockets.dedup();
+    sockets
+}
+
+/// The ports that processes of the tree rooted at `root` listen on (see
+/// [`listening_sockets_of_tree`]). Sorted, deduplicated.
+pub fn listening_ports_of_tree(root: Pid, listeners: &[Listener]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listening_sockets_of_tree(root, listeners)
+        .into_iter()
+        .map(|(port, _)| port)
+        .collect();
     ports.dedup();
     ports
 }
@@ -594,6 +659,33 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         child.wait().unwrap();
         assert!(ports.contains(&child_port), "{child_port} not in {ports:?}");
         assert!(ports.contains(&port));
+    }
+
+    #[test]
+    fn proc_net_tables_give_the_listeners() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4711 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:0050 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 4712 1 0000000000000000 20 4 30 10 -1
+   2: 00000000000000000000000000000000:22B8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4713 1 0000000000000000 100 0 0 10 0
+garbage line
+";
+        assert_eq!(
+            parse_proc_net_listeners(table),
+            vec![(8080, 4711), (8888, 4713)]
+        );
+    }
+
+    #[test]
+    fn proc_fallback_agrees_with_sock_diag() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut sampler = TcpSampler::new().unwrap();
+        let from_diag = listeners(Some(&mut sampler));
+        let from_proc = listeners_from_proc().unwrap();
+        let ours = |list: &[Listener]| list.iter().copied().find(|(p, _)| *p == port);
+        assert!(ours(&from_diag).is_some(), "{port} not in {from_diag:?}");
+        assert_eq!(ours(&from_diag), ours(&from_proc));
+        assert_eq!(ours(&listeners(None)), ours(&from_diag));
     }
 
     #[test]

@@ -467,10 +467,7 @@ async fn discover_ports(
     own_port: u16,
 ) -> (Option<TcpSampler>, Vec<u16>) {
     off_thread(sampler, move |sampler| {
-        let listeners = sampler
-            .as_mut()
-            .and_then(|s| s.listeners().ok())
-            .unwrap_or_default();
+        let listeners = tcp::listeners(sampler.as_mut());
         let mut ports = tcp::listening_ports_of_tree(app, &listeners);
         ports.retain(|p| *p != own_port);
         ports
