@@ -98,8 +98,8 @@ pub struct RunArgs {
     #[arg(long, env = "DRAINIT_QUIET_PERIOD", value_name = "auto|DURATION", value_parser = parse_quiet_period)]
     pub quiet_period: Option<QuietPeriod>,
 
-    /// The app's serving ports, where traffic is observed (repeatable) [default: the ports the
-    /// app's processes listen on].
+    /// The app's serving ports, where traffic is observed and, by default, readiness too: ready
+    /// once all of them listen (repeatable) [default: the ports the app's processes listen on].
     #[arg(
         long = "app-port",
         env = "DRAINIT_APP_PORT",
@@ -123,11 +123,14 @@ pub struct RunArgs {
     )]
     pub ready_http: Option<String>,
 
-    /// Ready only while a TCP connection to HOST:PORT succeeds.
+    /// Ready only while a TCP connection to HOST:PORT succeeds. `auto` (the default, with no
+    /// other check): ready only while the app listens on TCP, on --app-port or else on the ports
+    /// its processes listen on. `none`: ready as soon as the app started (a worker that serves no
+    /// TCP) [default: auto].
     #[arg(
         long,
         env = "DRAINIT_READY_TCP",
-        value_name = "HOST:PORT",
+        value_name = "auto|none|HOST:PORT",
         group = "app_check"
     )]
     pub ready_tcp: Option<String>,
@@ -151,8 +154,7 @@ pub struct RunArgs {
     #[arg(long, env = "DRAINIT_READY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub ready_timeout: Option<Duration>,
 
-    /// Ready only after the app check has passed without a break for this long (or, without a
-    /// check, this long after the app started).
+    /// Ready only after the app check has passed without a break for this long.
     #[arg(long, env = "DRAINIT_MIN_READY", value_name = "DURATION",
           default_value = "0s", value_parser = parse_duration)]
     pub min_ready: Duration,

@@ -15,6 +15,7 @@ pub mod drain;
 pub mod exit;
 pub mod health;
 pub mod lifecycle;
+pub mod listening;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
@@ -44,7 +45,7 @@ use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, Lifecycle};
 use crate::metrics::Metrics;
-use crate::readiness::SharedCheckLog;
+use crate::readiness::{RunningCheck, SharedCheckLog};
 use crate::reaper::Reaper;
 use crate::supervisor::{Inputs, Supervisor};
 
@@ -126,7 +127,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let metrics = Arc::new(Metrics::new());
     let mut lifecycle = Lifecycle::new(metrics.clone());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let (readiness, check_log) = watch_readiness(&config, &mut lifecycle, &reaper, &metrics);
+    let (readiness, check_log) =
+        watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
     let (drain_tx, drain_rx) = mpsc::channel(8);
     let context = health::Context {
         started,
@@ -157,25 +159,28 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     Ok(code)
 }
 
-/// Starts the app check, whose verdicts the supervisor applies; with nothing to wait for, the
-/// app is ready at once, before the first probe can arrive.
+/// Starts the app check, whose verdicts the supervisor applies; with `--ready-tcp none` there is
+/// nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
+    app: App,
+    probes: &TcpListener,
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
     metrics: &Arc<Metrics>,
 ) -> (mpsc::Receiver<Event>, SharedCheckLog) {
     let check_log = SharedCheckLog::default();
     let (verdicts, readiness) = mpsc::channel(8);
-    if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
+    let Some(check) = config.readiness.check.clone() else {
         lifecycle.apply(Event::AppReady);
         return (readiness, check_log);
-    }
+    };
+    let running = RunningCheck::new(check, reaper.waiters(), app.pid, own_port(probes));
     let metrics = metrics.clone();
     tokio::spawn(readiness::run(
+        running,
         config.readiness.clone(),
         check_log.clone(),
-        reaper.waiters(),
         verdicts,
         lifecycle.subscribe(),
         move |check, outcome| {
@@ -183,6 +188,10 @@ fn watch_readiness(
         },
     ));
     (readiness, check_log)
+}
+
+fn own_port(probes: &TcpListener) -> u16 {
+    probes.local_addr().map_or(0, |a| a.port())
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the
@@ -195,12 +204,11 @@ fn observe_traffic(
     metrics: Arc<Metrics>,
 ) -> Observers {
     let observers = Observers::new(config.app_ports.clone());
-    let own_port = probes.local_addr().map_or(0, |a| a.port());
     tokio::spawn(traffic::monitor(
         observers.traffic.clone(),
         app.pid,
         config.app_ports.clone(),
-        own_port,
+        own_port(probes),
         observers.own_accepts.clone(),
         lifecycle.subscribe(),
         metrics,

@@ -33,6 +33,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::readiness::AppCheck;
+
 /// Content-Type for [`Metrics::render`]'s output: the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -51,7 +53,7 @@ const DRAIN_REASONS: [&str; 6] = [
 ];
 const PROBE_PATHS: [&str; 4] = ["/alive", "/ready", "/status", "/metrics"];
 const CHECKERS: [&str; 3] = ["kubelet", "load_balancer", "other"];
-const CHECK_KINDS: [&str; 3] = ["http", "tcp", "exec"];
+const CHECK_KINDS: [&str; 4] = AppCheck::KINDS;
 const CHECK_RESULTS: [&str; 3] = ["pass", "fail", "timeout"];
 const SIGNALS: [&str; 12] = [
     "SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGCONT", "SIGTSTP",
