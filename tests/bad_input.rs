@@ -252,9 +252,25 @@ fn readiness_options_are_checked() {
         "no time to answer",
     );
     assert_refused(
-        &["--ready-timeout", "2s"],
+        &["--ready-tcp", "none", "--ready-timeout", "2s"],
         2,
-        "only applies to an app check",
+        "--ready-timeout only applies to an app check: drop --ready-tcp none",
+    );
+    assert_refused(
+        &["--ready-tcp", "none", "--min-ready", "5s"],
+        2,
+        "--min-ready only applies to an app check",
+    );
+    assert_refused(
+        &["--ready-tcp", "auto", "--ready-exec", "/bin/true"],
+        2,
+        "cannot be used with",
+    );
+    assert_refused(&["--ready-tcp", "maybe"], 2, "auto or none");
+    assert_refused(
+        &["--health-listen", "127.0.0.1:9000", "--app-port", "9000"],
+        2,
+        "--app-port 9000 is drainit's own probe port",
     );
     assert_refused(&["--ready-tcp", "a:0"], 2, "expected HOST:PORT");
     assert_refused(

@@ -259,6 +259,7 @@ fn environment_variables_configure_and_flags_win() {
         &["--drain-delay", "300ms"],
         &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
     );
+    drainit.wait_ready();
     let sigterm = drainit.signal_at(Signal::SIGTERM);
     let stop = drainit.app_line("demo-app: signal USR2");
     assert!(

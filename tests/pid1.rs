@@ -63,6 +63,7 @@ fn as_pid1_sigterm_drains_and_the_exit_code_comes_out() {
         ],
     );
     drainit.app_line("demo-app: listening on");
+    drainit.wait_ready();
     assert_eq!(drainit.get("/ready").0, 200);
     kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
     assert!(time_until(SECS(1), || drainit.get("/ready").0 == 503).is_some());

@@ -154,6 +154,13 @@ impl Drainit {
         command.extend_from_slice(app_options);
         let mut drainit = Self::start(options, &command);
         drainit.app_line("demo-app: listening on");
+        // Ready by drainit's default check, unless the test manages readiness itself.
+        let own_readiness = options
+            .iter()
+            .any(|o| o.starts_with("--ready-") || *o == "--min-ready");
+        if !own_readiness {
+            drainit.wait_ready();
+        }
         drainit
     }
 
@@ -224,6 +231,28 @@ impl Drainit {
 
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.health, path)
+    }
+
+    /// `/status`, parsed.
+    pub fn status(&self) -> Value {
+        let (code, response) = self.get("/status");
+        assert_eq!(code, 200, "{response}");
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+    }
+
+    /// Waits until the app is ready (the lifecycle says so), for tests that need it ready.
+    pub fn wait_ready(&mut self) {
+        let ready = |l: &str| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["message"] == "lifecycle transition" && v["to"] == "ready")
+        };
+        if self.logs.wait_for(START_TIMEOUT, ready).is_none() {
+            panic!(
+                "the app never became ready; drainit logged:\n{}",
+                self.logs.text()
+            );
+        }
     }
 
     /// The first app stdout line starting with `prefix`; panics after a generous timeout.

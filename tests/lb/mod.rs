@@ -338,10 +338,20 @@ impl Counters {
 pub struct Tuning {
     /// The check parameters of every `server` line, after `check` (and its port).
     pub check_timing: String,
-    /// Retry a failed request on another server (`option redispatch 1`), a refused connection
-    /// and a connection closed before any response alike; otherwise HAProxy's default: retry a
-    /// refused connection on the same server.
-    pub redispatch: bool,
+    pub retries: Retries,
+}
+
+/// What HAProxy does with a request whose connection to the server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// HAProxy's default: retry a refused connection on the same server, up to 3 times.
+    SameServer,
+    /// Retry on another server (`option redispatch 1`), a refused connection and a connection
+    /// closed before any response alike.
+    Redispatch,
+    /// No retry (`retries 0`): the client gets the error, as behind kube-proxy (a refused
+    /// connection is the client's) or an AWS ALB (502).
+    Never,
 }
 
 impl Default for Tuning {
@@ -349,7 +359,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             check_timing: "inter 500ms fall 2 rise 2".to_owned(),
-            redispatch: false,
+            retries: Retries::SameServer,
         }
     }
 }
@@ -366,6 +376,11 @@ const REDISPATCH: &str = "    # A refused connection, or one closed before any r
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response
+";
+
+const NO_RETRIES: &str =
+    "    # A failed connection is the client's error, as behind kube-proxy or an AWS ALB.
+    retries 0
 ";
 
 /// With retries on another server, a request that succeeded after one would be logged (and
@@ -437,11 +452,15 @@ backend be
     balance roundrobin
 {quiet}{option}{servers}",
             socket = socket.display(),
-            quiet = if tuning.redispatch { QUIET_RETRIES } else { "" },
-            retries = if tuning.redispatch {
-                REDISPATCH
+            quiet = if tuning.retries == Retries::Redispatch {
+                QUIET_RETRIES
             } else {
-                NO_REDISPATCH
+                ""
+            },
+            retries = match tuning.retries {
+                Retries::SameServer => NO_REDISPATCH,
+                Retries::Redispatch => REDISPATCH,
+                Retries::Never => NO_RETRIES,
             },
         );
         let config_path = dir.path().join("haproxy.cfg");
