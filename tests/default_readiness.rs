@@ -28,7 +28,8 @@ use nix::sys::signal::{Signal, kill};
 
 use lb::{
     Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc,
-    Retries, Tuning, demo_app_bin, drainit_bin, free_ports, haproxy_bin, opt_ms, unique_control,
+    Replica, Retries, Tuning, demo_app_bin, drainit_bin, free_ports, haproxy_bin, opt_ms,
+    outputs_but, unique_control,
 };
 
 const APP_PORT: u16 = 8080;
@@ -80,14 +81,6 @@ fn rolling_restart_with_a_slow_starting_app_loses_requests_with_ready_tcp_none()
     );
 }
 
-/// One replica slot: a network namespace and what runs in it.
-struct Replica {
-    // Declared first: the processes inside go before their namespace.
-    proc: Proc,
-    server: String,
-    netns: Netns,
-}
-
 /// One replica replaced; times from the start of its replacement.
 #[derive(Debug)]
 struct Step {
@@ -125,23 +118,15 @@ fn rolling_restart(options: &[&str]) -> Outcome {
     let mut replicas: Vec<Replica> = ["r1", "r2"]
         .into_iter()
         .map(|server| {
-            let netns = Netns::create();
-            let proc = start_replica(server, &netns, options, &clock);
-            Replica {
-                proc,
-                server: server.to_owned(),
-                netns,
-            }
+            Replica::start(server, |netns| {
+                start_replica(server, netns, options, &clock)
+            })
         })
         .collect();
     let [frontend] = free_ports();
     let backends: Vec<Backend> = replicas
         .iter()
-        .map(|r| Backend {
-            name: r.server.clone(),
-            app: SocketAddr::from((r.netns.ip, APP_PORT)),
-            health_port: HEALTH_PORT,
-        })
+        .map(|r| r.backend(APP_PORT, HEALTH_PORT))
         .collect();
     let tuning = Tuning {
         retries: Retries::Never,
@@ -212,19 +197,16 @@ fn replace(replica: &mut Replica, options: &[&str], haproxy: &Haproxy, clock: &C
     let server = replica.server.clone();
     kill(replica.proc.pid(), Signal::SIGTERM).expect("cannot SIGTERM the replica");
     clock.event(format!("SIGTERM to {}", replica.proc.name));
-    let deadline = Instant::now() + Duration::from_secs(12);
-    let status = loop {
-        if let Some(status) = replica.proc.try_exit() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not exit within 12 s of its SIGTERM:\n{}",
-            replica.proc.name,
-            replica.proc.output()
-        );
-        thread::sleep(Duration::from_millis(20));
-    };
+    let status = replica
+        .proc
+        .wait_exit(Duration::from_secs(12))
+        .unwrap_or_else(|| {
+            panic!(
+                "{} did not exit within 12 s of its SIGTERM:\n{}",
+                replica.proc.name,
+                replica.proc.output()
+            )
+        });
     assert_eq!(
         status.code(),
         Some(0),
@@ -326,9 +308,5 @@ fn timeline_event(line: &str) -> Option<String> {
 }
 
 fn outputs(replicas: &[Replica]) -> String {
-    replicas
-        .iter()
-        .map(|r| format!("{}:\n{}", r.proc.name, r.proc.output()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    outputs_but(replicas, None)
 }

@@ -617,19 +617,13 @@ impl Replica {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.proc.try_exit() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        self.proc.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
                 "{} did not exit within {timeout:?} of its SIGKILL:\n{}",
                 self.proc.name,
                 self.proc.output()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            )
+        })
     }
 }
 

@@ -114,6 +114,20 @@ impl Proc {
         Pid::from_raw(self.child.id() as i32)
     }
 
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
         if self.exited.is_none() {
             self.exited = self.child.try_wait().expect("try_wait failed");
@@ -956,6 +970,48 @@ impl Drop for Netns {
         let _ = ip_quiet(&["netns", "del", &self.name]);
         let _ = ip_quiet(&["link", "del", &self.host_if]);
     }
+}
+
+/// One replica slot: a network namespace of its own, as a pod has, and what runs in it. A
+/// replacement starts in the same namespace, at the same address (HAProxy's configuration is
+/// static).
+pub struct Replica {
+    // Declared first: the processes inside go before their namespace.
+    pub proc: Proc,
+    pub server: String,
+    pub netns: Netns,
+}
+
+impl Replica {
+    /// `start` runs the replica's processes in a new namespace.
+    pub fn start(server: &str, start: impl FnOnce(&Netns) -> Proc) -> Self {
+        let netns = Netns::create();
+        Replica {
+            proc: start(&netns),
+            server: server.to_owned(),
+            netns,
+        }
+    }
+
+    /// Its HAProxy `server` line: the app's port, checks on `health_port`.
+    pub fn backend(&self, app_port: u16, health_port: u16) -> Backend {
+        Backend {
+            name: self.server.clone(),
+            app: SocketAddr::from((self.netns.ip, app_port)),
+            health_port,
+        }
+    }
+}
+
+/// The output of every replica but the `skip`th, for failure messages.
+pub fn outputs_but(replicas: &[Replica], skip: Option<usize>) -> String {
+    replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, r)| format!("{} output:\n{}", r.proc.name, r.proc.output()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs `ip` and panics with its output if it fails.
