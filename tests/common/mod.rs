@@ -49,18 +49,22 @@ pub struct Line {
     pub text: String,
 }
 
-/// Reads a stream line by line on a thread, timestamping each line.
-fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
+/// Reads a stream line by line on a thread, timestamping each line, except while `reading` is
+/// off: then the stream is left unread, as by a stuck log collector.
+fn collect_lines(stream: impl Read + Send + 'static, reading: Arc<AtomicBool>) -> Receiver<Line> {
     let (tx, rx) = channel();
     thread::spawn(move || {
-        for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx
-                .send(Line {
-                    at: Instant::now(),
-                    text,
-                })
-                .is_err()
-            {
+        let mut lines = BufReader::new(stream).lines();
+        loop {
+            while !reading.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let Some(Ok(text)) = lines.next() else { break };
+            let line = Line {
+                at: Instant::now(),
+                text,
+            };
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -71,15 +75,28 @@ fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
 /// Lines seen so far plus the ones still to come.
 pub struct LineLog {
     rx: Receiver<Line>,
+    reading: Arc<AtomicBool>,
     pub seen: Vec<Line>,
 }
 
 impl LineLog {
-    fn new(rx: Receiver<Line>) -> Self {
+    fn new(stream: impl Read + Send + 'static) -> Self {
+        let reading = Arc::new(AtomicBool::new(true));
         Self {
-            rx,
+            rx: collect_lines(stream, reading.clone()),
+            reading,
             seen: Vec::new(),
         }
+    }
+
+    /// Stops reading the stream (the lines in the test's read buffer still arrive): the writer
+    /// blocks once the pipe is full.
+    pub fn stop_reading(&self) {
+        self.reading.store(false, Ordering::Relaxed);
+    }
+
+    pub fn resume_reading(&self) {
+        self.reading.store(true, Ordering::Relaxed);
     }
 
     /// The first line (seen or to come within `timeout`) that matches.
@@ -180,8 +197,8 @@ impl Drainit {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn drainit");
-        let mut logs = LineLog::new(collect_lines(child.stderr.take().unwrap()));
-        let app = LineLog::new(collect_lines(child.stdout.take().unwrap()));
+        let mut logs = LineLog::new(child.stderr.take().unwrap());
+        let app = LineLog::new(child.stdout.take().unwrap());
         let listening = logs
             .wait_for(START_TIMEOUT, |l| l.contains("probe server listening"))
             .unwrap_or_else(|| panic!("drainit did not start; logs:\n{}", logs.text()));
