@@ -20,6 +20,7 @@ pub mod logging;
 pub mod metrics;
 pub mod prestop;
 pub mod process_tree;
+pub mod rate_limit;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;
