@@ -346,7 +346,10 @@ impl Supervisor {
             ),
         }
         self.lifecycle.apply(Event::AppExited { code });
-        if self.app.kill_leftovers(&self.reaper.waiters().pids()) {
+        let (app, reaper) = (self.app, &mut self.reaper);
+        if app.kill_leftovers(&reaper.waiters().pids(), || {
+            reaper.reap(app.pid);
+        }) {
             warn!("the app left processes behind: killed them");
         }
     }

@@ -266,3 +266,39 @@ fn namespace_init_child(init: Pid) -> i32 {
         .parse()
         .unwrap()
 }
+
+/// Live processes whose environment holds `mark`.
+fn marked_processes(mark: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == mark.as_bytes()))
+        })
+        .filter(|pid| is_running(*pid))
+        .collect()
+}
+
+#[test]
+fn not_pid1_a_daemon_that_keeps_forking_cannot_outrun_the_cleanup() {
+    let mark = format!("DRAINIT_TEST_MARK=forker-{}", std::process::id());
+    let (name, value) = mark.split_once('=').unwrap();
+    let mut cmd = Command::new(drainit_bin());
+    cmd.env(name, value);
+    // Daemons that leave the app's group and fork without pause; each child leaves an orphan.
+    let script = "for i in 1 2 3 4; do setsid sh -c 'while :; do (sleep 10 &); done' & done
+                  sleep 0.5; exit 3";
+    let mut drainit = Drainit::start_with(cmd, &[], &["sh", "-c", script]);
+    assert_eq!(drainit.exit_code(SECS(10)), 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let left = marked_processes(&mark);
+    for pid in &left {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    assert!(left.is_empty(), "{} processes outlived drainit", left.len());
+    drainit.log("the app left processes behind: killed them");
+}
