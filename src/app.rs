@@ -79,12 +79,21 @@ impl App {
 
     /// Forwards `signal` to the app (or its group, with `--group`).
     pub fn forward(&self, signal: i32) {
-        let target = if self.forward_to_group {
+        send(self.signal_target(), signal);
+    }
+
+    /// Continues the app (or its group) in case it is stopped (SIGSTOP, a debugger): a stopped
+    /// process keeps its stop signal pending, and every stop would end in the budget kill.
+    pub fn resume(&self) {
+        send(self.signal_target(), Signal::SIGCONT as i32);
+    }
+
+    fn signal_target(&self) -> Pid {
+        if self.forward_to_group {
             self.group()
         } else {
             self.pid
-        };
-        send(target, signal);
+        }
     }
 
     /// SIGKILLs the app's whole process group, grandchildren included.
