@@ -6,6 +6,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -15,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::exit::{self, StartupError};
 use crate::process_tree;
+use crate::rate_limit::RateLimit;
 
 /// How long drainit keeps killing what the app left behind before it gives up and exits.
 pub const LEFTOVERS_LIMIT: Duration = Duration::from_secs(2);
@@ -153,6 +155,11 @@ impl App {
     }
 }
 
+/// Failures to signal the app, logged at most once per 10 s: refused once (EPERM, the app
+/// changed its uid), a signal is refused every time after, and a storm of them would flood the
+/// log.
+static SIGNAL_FAILURES: Mutex<RateLimit> = Mutex::new(RateLimit::new(Duration::from_secs(10)));
+
 fn send(target: Pid, signal: i32) {
     // SAFETY: kill(2) takes plain integers; no memory is shared with the callee.
     let sent = Errno::result(unsafe { nix::libc::kill(target.as_raw(), signal) });
@@ -160,7 +167,12 @@ fn send(target: Pid, signal: i32) {
         Ok(_) => debug!(target = target.as_raw(), signal, "signal sent"),
         // Already gone: its exit status is on its way to the reaper.
         Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
-        Err(e) => warn!(target = target.as_raw(), signal, error = %e, "could not signal the app"),
+        Err(e) => {
+            if let Some(held_back) = crate::sync::lock(&SIGNAL_FAILURES).allow() {
+                let target = target.as_raw();
+                warn!(target, signal, error = %e, held_back, "could not signal the app");
+            }
+        }
     }
 }
 
