@@ -267,7 +267,7 @@ fn budget_kill_with_a_stuck_stderr() {
         Signal::SIGUSR2,
         Signal::SIGWINCH,
     ];
-    let (mut kills, mut alive, mut exits, mut dropped) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let (mut kills, mut alive, mut exits, mut dropped) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
     for _ in 0..5 {
         let mut run = Drainit::demo(
             &["--drain-delay", "0", "--grace-period", "2s"],
@@ -283,15 +283,7 @@ fn budget_kill_with_a_stuck_stderr() {
         let asked = Instant::now();
         assert_eq!(run.get("/alive").0, 200);
         alive.push(asked.elapsed());
-        let (_, metrics) = run.get("/metrics");
-        dropped += metrics
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("drainit_log_lines_dropped_total ")?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0u64);
+        dropped += run.metric("drainit_log_lines_dropped_total");
         let sigterm = Instant::now();
         kill(run.pid(), Signal::SIGTERM).unwrap();
         while common::is_running(app) {

@@ -205,13 +205,6 @@ fn zombie_children(pid: Pid) -> usize {
         .count()
 }
 
-fn metric(drainit: &Drainit, series: &str) -> f64 {
-    let (_, text) = drainit.get("/metrics");
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-}
-
 #[test]
 fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
     // The app ignores its stop signal and leaves an orphan every 10 ms for PID 1 to reap.
@@ -231,7 +224,7 @@ fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
     }
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        metric(&drainit, "drainit_log_lines_dropped_total") > 0.0,
+        drainit.metric("drainit_log_lines_dropped_total") > 0.0,
         "no log line was dropped: stderr was never stuck, the test proves nothing"
     );
     for _ in 0..3 {

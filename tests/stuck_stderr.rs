@@ -24,15 +24,7 @@ fn lines_lost_to_a_stuck_stderr_are_counted_and_reported_when_it_moves_again() {
         kill(drainit.pid(), *signal).unwrap();
         std::thread::sleep(Duration::from_micros(100));
     }
-    let (_, metrics) = drainit.get("/metrics");
-    let dropped: f64 = metrics
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("drainit_log_lines_dropped_total ")?
-                .parse()
-                .ok()
-        })
-        .expect("no drainit_log_lines_dropped_total");
+    let dropped = drainit.metric("drainit_log_lines_dropped_total");
     assert!(dropped > 0.0, "nothing dropped: stderr was never stuck");
 
     drainit.logs.resume_reading();

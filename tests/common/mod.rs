@@ -243,6 +243,12 @@ impl Drainit {
         http_get(self.health, path)
     }
 
+    /// The value of one series of `/metrics`, e.g. `drainit_budget_kills_total`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+    }
+
     /// The first app stdout line starting with `prefix`; panics after a generous timeout.
     pub fn app_line(&mut self, prefix: &str) -> Line {
         self.app
@@ -333,6 +339,13 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The value of the one series of `metrics` whose line starts with `series` followed by a space.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 pub fn json(line: &str) -> Value {
