@@ -333,7 +333,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// (`1m1min`): units are the same when one of each is the same duration.
 fn repeated_unit(text: &str) -> Option<&str> {
     let units: Vec<&str> = text
-        .split(|c: char| !c.is_ascii_alphabetic())
+        .split(|c: char| !c.is_alphabetic())
         .filter(|unit| !unit.is_empty())
         .collect();
     let one = |unit: &str| humantime::parse_duration(&format!("1{unit}")).ok();
