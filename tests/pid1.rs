@@ -208,11 +208,14 @@ fn zombie_children(pid: Pid) -> usize {
 #[test]
 fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
     // The app ignores its stop signal and leaves an orphan every 10 ms for PID 1 to reap.
-    let app = "trap '' TERM HUP USR1 USR2; while :; do (sleep 0.02 &); sleep 0.01; done";
+    let app = "trap '' TERM HUP USR1 USR2; echo trapped; \
+               while :; do (sleep 0.02 &); sleep 0.01; done";
     let mut drainit = as_pid1(
         &["--drain-delay", "0", "--grace-period", "3s"],
         &["sh", "-c", app],
     );
+    // A signal before the traps are set would end the app, and the test.
+    drainit.app_line("trapped");
     let init = namespace_init(&drainit);
     let app_pid = namespace_init_child(init);
     // A log collector that stopped reading: the pipe fills, and every write to it would block.

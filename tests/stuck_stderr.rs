@@ -17,8 +17,10 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 #[test]
 fn lines_lost_to_a_stuck_stderr_are_counted_and_reported_when_it_moves_again() {
-    let app = "trap '' TERM USR1 USR2; while :; do sleep 1; done";
+    let app = "trap '' TERM USR1 USR2; echo trapped; while :; do sleep 1; done";
     let mut drainit = Drainit::start(&["--drain-delay", "0"], &["sh", "-c", app]);
+    // A signal before the traps are set would end the app, and the test.
+    drainit.app_line("trapped");
     drainit.logs.stop_reading();
     for signal in [Signal::SIGUSR1, Signal::SIGUSR2].iter().cycle().take(1500) {
         kill(drainit.pid(), *signal).unwrap();
