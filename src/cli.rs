@@ -317,12 +317,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = parsed.map_err(|()| {
         format!("expected a duration like 500ms, 15s, 2m or a number of seconds, got '{text}'")
     })?;
+    if let Some(unit) = repeated_unit(text) {
+        // humantime adds them up: `1h1h` would be 2 h, more likely a typo than a wish.
+        return Err(format!(
+            "'{text}' gives the unit '{unit}' twice: give each unit once, e.g. 1m30s"
+        ));
+    }
     if duration > MAX_DURATION {
         return Err(format!(
             "'{text}' is longer than drainit's limit of 10 years: give a shorter duration"
         ));
     }
     Ok(duration)
+}
+
+/// The first unit of a humantime duration that repeats an earlier one, spelled the same or not
+/// (`1m1min`): units are the same when one of each is the same duration.
+fn repeated_unit(text: &str) -> Option<&str> {
+    let units: Vec<&str> = text
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|unit| !unit.is_empty())
+        .collect();
+    let one = |unit: &str| humantime::parse_duration(&format!("1{unit}")).ok();
+    units.iter().enumerate().find_map(|(i, unit)| {
+        let this = one(unit)?;
+        units[..i]
+            .iter()
+            .any(|earlier| one(earlier) == Some(this))
+            .then_some(*unit)
+    })
 }
 
 /// A duration as a user would type it back on the command line: `28s`, `28500ms`.
@@ -378,6 +401,9 @@ mod tests {
         assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h 1m 1s"), Ok(Duration::from_secs(3661)));
+        assert_eq!(parse_duration("1M1m"), Ok(Duration::from_secs(2_630_076)));
     }
 
     #[test]
@@ -400,6 +426,10 @@ mod tests {
             "11years",
             "1e30",
             "300000000000y",
+            "1h1h",
+            "1m30s1m",
+            "1m 1min",
+            "2s500ms3s",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }

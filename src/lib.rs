@@ -16,10 +16,12 @@ pub mod exit;
 pub mod health;
 pub mod lifecycle;
 pub mod listening;
+pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
 pub mod process_tree;
+pub mod rate_limit;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;
@@ -28,11 +30,10 @@ pub mod supervisor;
 pub mod sync;
 pub mod tcp;
 
-use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -51,34 +52,43 @@ use crate::supervisor::{Inputs, Supervisor};
 
 /// The whole program: `main.rs` only calls this.
 pub fn main() -> ExitCode {
+    let code = parse_and_run();
+    // The last lines (why drainit exits) are worth a short wait for stderr, never a long one.
+    log_writer::flush(LAST_LINES_WAIT);
+    ExitCode::from(code)
+}
+
+/// How long drainit waits at exit for a stuck stderr to take its last log lines.
+const LAST_LINES_WAIT: Duration = Duration::from_millis(500);
+
+fn parse_and_run() -> u8 {
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) if e.code == 0 => {
             println!("{e}");
-            return ExitCode::SUCCESS;
+            return 0;
         }
         Err(e) => {
-            eprintln!("drainit: {e}");
-            return ExitCode::from(e.code);
+            log_writer::print_line(&format!("drainit: {e}"));
+            return e.code;
         }
     };
     if let Err(e) = logging::init(&cli.shared) {
-        eprintln!("drainit: {e}");
-        return ExitCode::from(e.code);
+        log_writer::print_line(&format!("drainit: {e}"));
+        return e.code;
     }
-    let code = match run(cli) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             if tracing::enabled!(tracing::Level::ERROR) {
                 error!(exit_code = e.code, "{e}");
             } else {
                 // Even with --log-level off, why nothing started must be said.
-                let _ = writeln!(std::io::stderr(), "drainit: {e}");
+                log_writer::print_line(&format!("drainit: {e}"));
             }
             e.code
         }
-    };
-    ExitCode::from(code)
+    }
 }
 
 fn run(cli: Cli) -> Result<u8, StartupError> {

@@ -6,6 +6,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::cli::{LogFormat, SharedArgs};
 use crate::exit::StartupError;
+use crate::log_writer;
 
 pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
     let filter = EnvFilter::try_new(&args.log_level).map_err(|e| {
@@ -16,9 +17,10 @@ pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
     })?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // A write that fails (the log reader is gone) is otherwise reported with eprintln!,
-        // which panics, and again from the panic hook: an abort that would orphan the app.
+        // Never blocks: a stderr nobody reads costs log lines, not PID 1's time.
+        .with_writer(log_writer::Stderr)
+        // A write that fails is otherwise reported with eprintln!, which blocks on a stuck
+        // stderr and panics on a closed one, and again from the panic hook.
         .log_internal_errors(false)
         .with_target(false);
     match args.log_format {

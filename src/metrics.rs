@@ -1,5 +1,5 @@
 //! Prometheus metrics for `GET /metrics`: the lifecycle, drains, the app's stop, probes, readiness
-//! checks, signals and reaping.
+//! checks, signals, reaping and lost log lines.
 //!
 //! One [`Metrics`] is built at start-up and shared as `Arc<Metrics>`; every method takes `&self`,
 //! is thread-safe and costs a few atomic operations (a labelled series takes a read lock, and a
@@ -236,6 +236,11 @@ impl Metrics {
             "drainit_late_arrivals",
             "Requests that reached the app after its stop signal",
             metrics.late_arrivals.clone(),
+        );
+        registry.register(
+            "drainit_log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (or failed)",
+            crate::log_writer::dropped_lines(),
         );
         metrics
     }
@@ -621,6 +626,7 @@ mod tests {
             "probe_requests",
             "app_checks",
             "late_arrivals",
+            "log_lines_dropped",
         ] {
             let name = format!("drainit_{counter}_total");
             assert!(

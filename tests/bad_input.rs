@@ -106,6 +106,7 @@ fn bad_flags_and_values_are_usage_errors() {
         ),
         (&["--grace-period=-3s"], "expected a duration"),
         (&["--grace-period", "300000000000y"], "limit of 10 years"),
+        (&["--grace-period", "1h1h"], "gives the unit 'h' twice"),
         (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
         (&["--stop-signal", "99"], "expected a signal like TERM"),
         (&["--stop-signal", "STOP"], "cannot ask the app to stop"),

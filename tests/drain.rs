@@ -380,3 +380,17 @@ fn traffic_that_never_goes_quiet_ends_the_drain_at_its_cap_and_the_log_says_why(
     client.join().unwrap();
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn a_stopped_app_is_continued_with_its_stop_signal_and_exits_cleanly() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "0", "--grace-period", "5s"],
+        &["--exit-code", "7"],
+    );
+    let app = nix::unistd::Pid::from_raw(drainit.app_pid());
+    nix::sys::signal::kill(app, Signal::SIGSTOP).unwrap();
+    drainit.signal(Signal::SIGTERM);
+    drainit.app_line("demo-app: signal TERM");
+    // Left stopped, the app would only die at the budget kill, 4 s on, with 137.
+    assert_eq!(drainit.exit_code(SECS(3)), 7);
+}

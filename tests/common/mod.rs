@@ -49,18 +49,22 @@ pub struct Line {
     pub text: String,
 }
 
-/// Reads a stream line by line on a thread, timestamping each line.
-fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
+/// Reads a stream line by line on a thread, timestamping each line, except while `reading` is
+/// off: then the stream is left unread, as by a stuck log collector.
+fn collect_lines(stream: impl Read + Send + 'static, reading: Arc<AtomicBool>) -> Receiver<Line> {
     let (tx, rx) = channel();
     thread::spawn(move || {
-        for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx
-                .send(Line {
-                    at: Instant::now(),
-                    text,
-                })
-                .is_err()
-            {
+        let mut lines = BufReader::new(stream).lines();
+        loop {
+            while !reading.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let Some(Ok(text)) = lines.next() else { break };
+            let line = Line {
+                at: Instant::now(),
+                text,
+            };
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -71,15 +75,28 @@ fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
 /// Lines seen so far plus the ones still to come.
 pub struct LineLog {
     rx: Receiver<Line>,
+    reading: Arc<AtomicBool>,
     pub seen: Vec<Line>,
 }
 
 impl LineLog {
-    fn new(rx: Receiver<Line>) -> Self {
+    fn new(stream: impl Read + Send + 'static) -> Self {
+        let reading = Arc::new(AtomicBool::new(true));
         Self {
-            rx,
+            rx: collect_lines(stream, reading.clone()),
+            reading,
             seen: Vec::new(),
         }
+    }
+
+    /// Stops reading the stream (the lines in the test's read buffer still arrive): the writer
+    /// blocks once the pipe is full.
+    pub fn stop_reading(&self) {
+        self.reading.store(false, Ordering::Relaxed);
+    }
+
+    pub fn resume_reading(&self) {
+        self.reading.store(true, Ordering::Relaxed);
     }
 
     /// The first line (seen or to come within `timeout`) that matches.
@@ -187,8 +204,8 @@ impl Drainit {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn drainit");
-        let mut logs = LineLog::new(collect_lines(child.stderr.take().unwrap()));
-        let app = LineLog::new(collect_lines(child.stdout.take().unwrap()));
+        let mut logs = LineLog::new(child.stderr.take().unwrap());
+        let app = LineLog::new(child.stdout.take().unwrap());
         let listening = logs
             .wait_for(START_TIMEOUT, |l| l.contains("probe server listening"))
             .unwrap_or_else(|| panic!("drainit did not start; logs:\n{}", logs.text()));
@@ -253,6 +270,12 @@ impl Drainit {
                 self.logs.text()
             );
         }
+    }
+
+    /// The value of one series of `/metrics`, e.g. `drainit_budget_kills_total`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     }
 
     /// The first app stdout line starting with `prefix`; panics after a generous timeout.
@@ -345,6 +368,13 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The value of the one series of `metrics` whose line starts with `series` followed by a space.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 pub fn json(line: &str) -> Value {
