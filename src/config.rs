@@ -85,10 +85,15 @@ fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
             ("--ready-timeout", args.ready_timeout.is_some()),
             ("--min-ready", !args.min_ready.is_zero()),
         ];
+        let none = if args.is_from_env("--ready-tcp") {
+            "DRAINIT_READY_TCP=none"
+        } else {
+            "--ready-tcp none"
+        };
         refuse_stray(
             args,
             &stray,
-            "an app check: drop --ready-tcp none for the default one (the app listens)",
+            &format!("an app check: drop {none} for the default one (the app listens)"),
         )?;
         min_ready = Duration::ZERO;
     }

@@ -185,7 +185,8 @@ fn watch_readiness(
         lifecycle.apply(Event::AppReady);
         return (readiness, check_log);
     };
-    let running = RunningCheck::new(check, reaper.waiters(), app.pid, own_port(probes));
+    let probes = probes.local_addr().unwrap_or(config.health_listen);
+    let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
     let metrics = metrics.clone();
     tokio::spawn(readiness::run(
         running,

@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -155,8 +156,9 @@ pub struct RunningCheck {
 }
 
 impl RunningCheck {
-    /// `app` and `own_port` (drainit's probe port) tell the app's listeners from others.
-    pub fn new(check: AppCheck, waiters: Waiters, app: Pid, own_port: u16) -> Self {
+    /// `app` and `probes` (where drainit's probe server listens) tell the app's listeners from
+    /// others.
+    pub fn new(check: AppCheck, waiters: Waiters, app: Pid, probes: SocketAddr) -> Self {
         let given = match &check {
             AppCheck::Listen(ports) => ports.clone(),
             _ => Vec::new(),
@@ -164,7 +166,7 @@ impl RunningCheck {
         Self {
             check,
             waiters,
-            listening: ListenCheck::new(given, app, own_port),
+            listening: ListenCheck::new(given, app, probes),
         }
     }
 
@@ -172,12 +174,15 @@ impl RunningCheck {
         &self.check
     }
 
-    /// How long until the next check. The default check costs one listener dump: until the app
-    /// first listens it looks more often than `--ready-interval`, so that a pod turns ready
-    /// within a fraction of a second of its app.
-    fn interval(&self, configured: Duration, ever_ready: bool) -> Duration {
+    /// How long until the next check. The default check costs one listener dump: while the app
+    /// starts it looks more often than `--ready-interval`, so that a pod turns ready within a
+    /// fraction of a second of its app; an app that has not listened for a while (a worker
+    /// without --ready-tcp none) is looked at as often as any other.
+    fn interval(&self, configured: Duration, ever_ready: bool, waited: Duration) -> Duration {
         match self.check {
-            AppCheck::Listen(_) if !ever_ready => configured.min(LISTEN_STARTUP_INTERVAL),
+            AppCheck::Listen(_) if !ever_ready && waited < LISTEN_STARTUP => {
+                configured.min(LISTEN_STARTUP_INTERVAL)
+            }
             _ => configured,
         }
     }
@@ -406,8 +411,8 @@ impl CheckLog {
 }
 
 /// Runs the app check until the drain starts, sending `AppReady` once it has passed for
-/// `--min-ready` and `AppUnready` when it fails after that. Until the app is first ready, it says
-/// every [`NOT_READY_REMINDER`] what it waits for: a pod that never turns ready must say why.
+/// `--min-ready` and `AppUnready` when it fails after that. While the app is not ready it says
+/// every [`NOT_READY_REMINDER`] what it waits for: a pod that stays unready must say why.
 pub async fn run(
     mut running: RunningCheck,
     config: ReadinessConfig,
@@ -427,17 +432,15 @@ pub async fn run(
         let outcome = running.run(config.timeout).await;
         let check = running.check();
         on_check(check, &outcome);
-        if !ever_ready
-            && outcome.verdict != Verdict::Pass
-            && reminded.elapsed() >= NOT_READY_REMINDER
-        {
+        if !ready && outcome.verdict != Verdict::Pass && reminded.elapsed() >= NOT_READY_REMINDER {
             reminded = Instant::now();
             warn!(
                 check = %check,
                 waited_s = started.elapsed().as_secs(),
+                ever_ready,
                 result = outcome.verdict.as_str(),
                 detail = outcome.detail,
-                "app not ready yet: /ready answers 503 until the app check passes"
+                "app not ready: /ready answers 503 until the app check passes"
             );
         }
         let passing_since = {
@@ -457,6 +460,7 @@ pub async fn run(
         if now_ready != ready {
             ready = now_ready;
             ever_ready |= ready;
+            reminded = Instant::now();
             let event = if ready {
                 Event::AppReady
             } else {
@@ -468,14 +472,15 @@ pub async fn run(
         let until_min_ready = passing_since
             .filter(|_| !ready)
             .map(|since| config.min_ready.saturating_sub(since.elapsed()));
-        let interval = running.interval(config.interval, ever_ready);
+        let interval = running.interval(config.interval, ever_ready, started.elapsed());
         let pause = until_min_ready.map_or(interval, |d| d.min(interval));
         let _ = tokio::time::timeout(pause, state.changed()).await;
     }
 }
 
-/// How often the default check looks until the app first listens.
+/// How often the default check looks while the app starts, and for how long at most.
 const LISTEN_STARTUP_INTERVAL: Duration = Duration::from_millis(250);
+const LISTEN_STARTUP: Duration = Duration::from_secs(30);
 
 /// How often a pod that has not been ready yet says what it waits for.
 pub const NOT_READY_REMINDER: Duration = Duration::from_secs(10);

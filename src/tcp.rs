@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::mem::size_of;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{
     DoneBuffer, ErrorBuffer, NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
@@ -136,7 +136,7 @@ impl TcpSampler {
         Ok(connections)
     }
 
-    /// Every listening TCP socket: (local port, inode), IPv4 and IPv6.
+    /// Every listening TCP socket, IPv4 and IPv6.
     pub fn listeners(&mut self) -> io::Result<Vec<Listener>> {
         let mut listeners = Vec::new();
         for family in [AF_INET, AF_INET6] {
@@ -144,7 +144,13 @@ impl TcpSampler {
                 family,
                 StateFlags::LISTEN,
                 ExtensionFlags::empty(),
-                |header, _| listeners.push((header.socket_id.source_port, header.inode)),
+                |header, _| {
+                    listeners.push(Listener {
+                        port: header.socket_id.source_port,
+                        inode: header.inode,
+                        loopback: header.socket_id.source_address.to_canonical().is_loopback(),
+                    })
+                },
             )?;
         }
         Ok(listeners)
@@ -310,8 +316,15 @@ pub fn parse_passive_opens(snmp: &str) -> Option<u64> {
     values.split_whitespace().nth(index)?.parse().ok()
 }
 
-/// A listening TCP socket: its local port and its inode (what ties it to a process's fd).
-pub type Listener = (u16, u32);
+/// A listening TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Listener {
+    pub port: u16,
+    /// What ties it to a process's file descriptor (`socket:[inode]`).
+    pub inode: u32,
+    /// Bound to 127.0.0.1 or ::1 only: nothing outside the pod can connect to it.
+    pub loopback: bool,
+}
 
 /// Every listening TCP socket of the namespace, IPv4 and IPv6: from sock_diag when there is a
 /// sampler and it answers, else from /proc/net/tcp{,6} (sandboxes such as gVisor or qemu-user
@@ -354,31 +367,68 @@ fn parse_proc_net_listeners(table: &str) -> Vec<Listener> {
             if fields.get(3) != Some(&LISTEN) {
                 return None;
             }
-            let port = fields.get(1)?.rsplit_once(':')?.1;
-            let port = u16::from_str_radix(port, 16).ok()?;
-            let inode = fields.get(9)?.parse().ok()?;
-            Some((port, inode))
+            let (address, port) = fields.get(1)?.rsplit_once(':')?;
+            Some(Listener {
+                port: u16::from_str_radix(port, 16).ok()?,
+                inode: fields.get(9)?.parse().ok()?,
+                loopback: parse_proc_net_address(address)?
+                    .to_canonical()
+                    .is_loopback(),
+            })
         })
         .collect()
 }
 
+/// A /proc/net/tcp address: the kernel prints each 32-bit word of the network-order address as
+/// a native-endian number, in hex.
+fn parse_proc_net_address(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<[u8; 4]>> = (0..hex.len())
+        .step_by(8)
+        .map(|i| {
+            let word = u32::from_str_radix(hex.get(i..i + 8)?, 16).ok()?;
+            Some(word.to_ne_bytes())
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// What reading the file descriptors of a process tree found.
+#[derive(Debug, Default)]
+pub struct TreeSockets {
+    /// Its listening sockets, sorted.
+    pub sockets: Vec<Listener>,
+    /// Processes of the tree whose descriptors drainit may not read: another user's, without
+    /// CAP_SYS_PTRACE (an entrypoint that drops privileges).
+    pub unreadable: Vec<i32>,
+}
+
 /// The listening sockets that processes of the tree rooted at `root` (root and all its
 /// descendants) hold: match the `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`.
-/// Sorted, deduplicated. Unreadable /proc entries (processes that just exited) are skipped,
-/// never an error.
-pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> Vec<Listener> {
-    let port_of: HashMap<u32, u16> = listeners
+/// Stops reading as soon as every one of `listeners` is found. Processes that just exited are
+/// skipped, never an error.
+pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> TreeSockets {
+    let mut by_inode: HashMap<u32, Listener> = listeners
         .iter()
-        .filter(|(_, inode)| *inode != 0)
-        .map(|&(port, inode)| (inode, port))
+        .filter(|listener| listener.inode != 0)
+        .map(|listener| (listener.inode, *listener))
         .collect();
-    let mut sockets = Vec::new();
-    if port_of.is_empty() {
-        return sockets;
-    }
+    let mut found = TreeSockets::default();
     for pid in process_tree::descendants_and_self(root.as_raw()) {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
+        if by_inode.is_empty() {
+            break;
+        }
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                found.unreadable.push(pid);
+                continue;
+            }
+            Err(_) => continue,
         };
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
@@ -389,24 +439,22 @@ pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> Vec<Liste
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u32>().ok());
-            if let Some(inode) = inode
-                && let Some(&port) = port_of.get(&inode)
-            {
-                sockets.push((port, inode));
+            if let Some(listener) = inode.and_then(|inode| by_inode.remove(&inode)) {
+                found.sockets.push(listener);
             }
         }
     }
-    sockets.sort_unstable();
-    sockets.dedup();
-    sockets
+    found.sockets.sort_unstable_by_key(|l| (l.port, l.inode));
+    found
 }
 
 /// The ports that processes of the tree rooted at `root` listen on (see
 /// [`listening_sockets_of_tree`]). Sorted, deduplicated.
 pub fn listening_ports_of_tree(root: Pid, listeners: &[Listener]) -> Vec<u16> {
     let mut ports: Vec<u16> = listening_sockets_of_tree(root, listeners)
+        .sockets
         .into_iter()
-        .map(|(port, _)| port)
+        .map(|listener| listener.port)
         .collect();
     ports.dedup();
     ports
@@ -486,9 +534,9 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         };
         let port = listener.local_addr().unwrap().port();
         let listeners = sampler.listeners().unwrap();
-        let listed = listeners.iter().find(|(p, _)| *p == port);
+        let listed = listeners.iter().find(|l| l.port == port);
         assert!(
-            matches!(listed, Some((_, inode)) if *inode != 0),
+            listed.is_some_and(|l| l.inode != 0 && l.loopback),
             "{address} port {port} not listed with an inode: {listeners:?}"
         );
 
@@ -669,10 +717,26 @@ UdpLite: 0 0 0 0 0 0 0 0 0
    2: 00000000000000000000000000000000:22B8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4713 1 0000000000000000 100 0 0 10 0
 garbage line
 ";
+        let listener = |port, inode, loopback| Listener {
+            port,
+            inode,
+            loopback,
+        };
         assert_eq!(
             parse_proc_net_listeners(table),
-            vec![(8080, 4711), (8888, 4713)]
+            vec![listener(8080, 4711, false), listener(8888, 4713, false)]
         );
+        let loopback = "  sl  local_address rem_address   st
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 00000000000000000000000001000000:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0000000000000000FFFF00000100007F:1F92 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 0200000A:1F93 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1
+";
+        let loopbacks: Vec<bool> = parse_proc_net_listeners(loopback)
+            .iter()
+            .map(|l| l.loopback)
+            .collect();
+        assert_eq!(loopbacks, [true, true, true, false]);
     }
 
     #[test]
@@ -682,8 +746,11 @@ garbage line
         let mut sampler = TcpSampler::new().unwrap();
         let from_diag = listeners(Some(&mut sampler));
         let from_proc = listeners_from_proc().unwrap();
-        let ours = |list: &[Listener]| list.iter().copied().find(|(p, _)| *p == port);
-        assert!(ours(&from_diag).is_some(), "{port} not in {from_diag:?}");
+        let ours = |list: &[Listener]| list.iter().copied().find(|l| l.port == port);
+        assert!(
+            ours(&from_diag).is_some_and(|l| l.loopback),
+            "{port} not in {from_diag:?}"
+        );
         assert_eq!(ours(&from_diag), ours(&from_proc));
         assert_eq!(ours(&listeners(None)), ours(&from_diag));
     }

@@ -463,7 +463,7 @@ fn a_worker_is_ready_with_ready_tcp_none_and_without_it_says_why_it_is_not() {
     assert_eq!(ready(&stalled), 503);
     // The reminder comes every 10 s while the pod waits.
     let reminder = stalled.logs.wait_for(SECS(20), |l| {
-        l.contains("app not ready yet: /ready answers 503 until the app check passes")
+        l.contains("app not ready: /ready answers 503 until the app check passes")
     });
     let reminder = reminder.unwrap_or_else(|| {
         panic!(
@@ -513,4 +513,27 @@ fn an_app_port_that_never_listens_keeps_the_pod_unready_and_names_what_does() {
         last.contains("listening in the pod") && (last.contains(&port) || last.contains("more")),
         "{status}"
     );
+}
+
+#[test]
+fn an_app_reachable_only_on_loopback_is_not_ready_in_a_pod() {
+    let app = common::demo_app_bin();
+    let app = app.to_str().unwrap();
+    // Probes on every interface, as in a pod; the app on loopback only.
+    let all_interfaces = ["--health-listen", "0.0.0.0:0"];
+    let mut unreachable = Drainit::start(&all_interfaces, &slow_demo(app, "127.0.0.1:0", &[]));
+    unreachable.app_line("demo-app: listening on");
+    thread::sleep(MS(600));
+    assert_eq!(ready(&unreachable), 503);
+    let status = unreachable.status();
+    assert!(
+        status["app_check"]["last"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("listens only on loopback")),
+        "{status}"
+    );
+
+    let mut reachable = Drainit::start(&all_interfaces, &slow_demo(app, "0.0.0.0:0", &[]));
+    reachable.wait_ready();
+    assert_eq!(ready(&reachable), 200);
 }

@@ -467,10 +467,9 @@ async fn discover_ports(
     own_port: u16,
 ) -> (Option<TcpSampler>, Vec<u16>) {
     off_thread(sampler, move |sampler| {
-        let listeners = tcp::listeners(sampler.as_mut());
-        let mut ports = tcp::listening_ports_of_tree(app, &listeners);
-        ports.retain(|p| *p != own_port);
-        ports
+        let mut listeners = tcp::listeners(sampler.as_mut());
+        listeners.retain(|listener| listener.port != own_port);
+        tcp::listening_ports_of_tree(app, &listeners)
     })
     .await
 }
