@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::binaries::is_static;
+use common::binaries::{cargo_build_release, is_static};
 use common::{demo_app_bin, drainit_bin, http_get, time_until};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -69,24 +69,23 @@ fn podman_available() -> bool {
     found
 }
 
-/// The static drainit and demo app: the ones under test when they are static (CI points
-/// DRAINIT_BIN at the musl build), else built here for this machine's musl target.
+/// The static drainit and demo app: the ones under test when drainit is static (CI points
+/// DRAINIT_BIN at the musl build; the demo app is built next to it), else built here for this
+/// machine's musl target.
 fn static_binaries() -> (PathBuf, PathBuf) {
-    let (drainit, app) = (drainit_bin(), demo_app_bin());
-    if is_static(&drainit) && is_static(&app) {
-        return (drainit, app);
+    let drainit = drainit_bin();
+    if is_static(&drainit) {
+        return (drainit, demo_app_bin());
     }
     let target = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "--release", "--target", &target])
-        .args(["--bin", "drainit", "--example", "demo_app"])
-        .status()
-        .expect("run cargo");
-    assert!(
-        built.success(),
-        "building the static binaries failed (rustup target add {target})"
-    );
+    cargo_build_release(&[
+        "--target",
+        &target,
+        "--bin",
+        "drainit",
+        "--example",
+        "demo_app",
+    ]);
     let dir = drainit.parent().unwrap().parent().unwrap().join(&target);
     let dir = dir.join("release");
     (dir.join("drainit"), dir.join("examples/demo_app"))

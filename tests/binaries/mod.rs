@@ -4,6 +4,7 @@
 //! test runs an emulated drainit around a native app).
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub fn drainit_bin() -> PathBuf {
     std::env::var_os("DRAINIT_BIN").map_or_else(
@@ -39,4 +40,20 @@ pub fn is_static(path: &Path) -> bool {
         let at = phoff + i * entry_size;
         u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()) == PT_INTERP
     })
+}
+
+/// `cargo build --release <args>` with the cargo running the tests (test runs and `cargo bench`
+/// do not build everything a test may need).
+pub fn cargo_build_release(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--release"])
+        .args(args)
+        .status()
+        .expect("run cargo");
+    assert!(
+        built.success(),
+        "cargo build --release {} failed",
+        args.join(" ")
+    );
 }
