@@ -146,7 +146,9 @@ fn probe_load(health: SocketAddr) {
                         .write_all(b"GET /ready HTTP/1.1\r\nHost: bench\r\n\r\n")
                         .unwrap();
                     let n = stream.read(&mut buf).unwrap();
-                    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "/ready not 200");
+                    // 200 or 503 alike (an app that listens nowhere may never be ready): the
+                    // memory a probe costs is the point.
+                    assert!(buf[..n].starts_with(b"HTTP/1.1 "), "/ready did not answer");
                 }
             })
         })
