@@ -10,7 +10,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -24,15 +24,7 @@ const RUNS: usize = 15;
 fn build_demo_app() {
     let app = drainit_bin().parent().unwrap().join("examples/demo_app");
     if !app.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = Command::new(cargo)
-            .args(["build", "--release", "--example", "demo_app"])
-            .status()
-            .expect("run cargo to build the demo app");
-        assert!(
-            built.success(),
-            "cargo build --release --example demo_app failed"
-        );
+        common::binaries::cargo_build_release(&["--example", "demo_app"]);
     }
 }
 

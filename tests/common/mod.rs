@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,21 +15,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-pub fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-/// The example app, built by cargo next to drainit.
-pub fn demo_app_bin() -> PathBuf {
-    let dir = drainit_bin().parent().unwrap().to_path_buf();
-    let app = dir.join("examples/demo_app");
-    assert!(
-        app.exists(),
-        "{} is missing: cargo builds examples with the tests",
-        app.display()
-    );
-    app
-}
+#[path = "../binaries/mod.rs"]
+pub mod binaries;
+pub use binaries::{demo_app_bin, drainit_bin};
 
 /// A control socket name no other test uses.
 pub fn unique_control() -> String {

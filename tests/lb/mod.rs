@@ -26,25 +26,9 @@ pub const SLOW: Duration = Duration::from_millis(900);
 // ---------------------------------------------------------------------------------------------
 // Binaries
 
-pub fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-pub fn demo_app_bin() -> PathBuf {
-    let path = drainit_bin()
-        .parent()
-        .expect("drainit binary has a parent directory")
-        .join("examples")
-        .join("demo_app");
-    assert!(
-        path.is_file(),
-        "demo_app example not found at {}: a plain `cargo test` builds examples, but `cargo test \
-         --test <name>` does not; build it first with `cargo build --example demo_app` (with \
-         --release for a release run)",
-        path.display()
-    );
-    path
-}
+#[path = "../binaries/mod.rs"]
+mod binaries;
+pub use binaries::{demo_app_bin, drainit_bin};
 
 /// Fails (rather than skips) when HAProxy is missing: a test that skipped itself would be a test
 /// that cannot fail.
