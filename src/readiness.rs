@@ -174,6 +174,16 @@ impl RunningCheck {
         &self.check
     }
 
+    /// Nothing listens the moment the app is spawned: the default check's first look waits one
+    /// start-up interval, which also spares a short-lived command (`drainit -- true`) a blocking
+    /// thread. Other checks ask the app itself, at once.
+    fn first_look_after(&self) -> Duration {
+        match self.check {
+            AppCheck::Listen(_) => LISTEN_STARTUP_INTERVAL,
+            _ => Duration::ZERO,
+        }
+    }
+
     /// How long until the next check. The default check costs one listener dump: while the app
     /// starts it looks more often than `--ready-interval`, so that a pod turns ready within a
     /// fraction of a second of its app; an app that has not listened for a while (a worker
@@ -425,6 +435,7 @@ pub async fn run(
     let mut ready = false;
     let mut ever_ready = false;
     let mut reminded = started;
+    let _ = tokio::time::timeout(running.first_look_after(), state.changed()).await;
     loop {
         if state.borrow_and_update().phase.drain_has_started() {
             return;

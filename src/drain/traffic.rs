@@ -290,6 +290,12 @@ pub async fn monitor(
     let mut ports_looked_up: Option<Instant> = None;
     let mut sockets_read: Option<Instant> = None;
     let mut stop_seen = false;
+    // Nothing arrives at an app the moment it is spawned: the first look waits one reading
+    // interval, and a command that is gone by then (`drainit -- true`) costs no blocking thread.
+    let _ = tokio::time::timeout(BEFORE_DRAIN.counter, state.changed()).await;
+    if matches!(state.borrow().phase, Phase::Exited { .. }) {
+        return;
+    }
     loop {
         let State {
             phase: current,
