@@ -20,7 +20,8 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::drain::lb_probes::{self, CheckerId, Checkers};
@@ -30,11 +31,19 @@ use crate::lifecycle::{Phase, State};
 use crate::metrics::{self, Metrics};
 use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
 use crate::status;
+use crate::throttle::Throttle;
 
-/// Probes send a few header lines; anything slower is not a probe.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Far above what the kubelet and a few load balancers need, far below the fd limit.
-const MAX_CONNECTIONS: usize = 512;
+use self::connections::{Admitted, Registry, SharedRegistry};
+
+pub mod connections;
+
+/// The most a request's start line and headers may take: a probe needs a few hundred bytes.
+/// Larger requests get 431 and the connection is closed.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// hyper's smallest read buffer: a connection never holds more than this of a request.
+const MAX_BUFFER_BYTES: usize = 8192;
+/// One warning line per this long when accepting fails again and again (EMFILE).
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Binds the probe port before the app starts, so a taken port fails start-up cleanly. Once the
 /// app runs, `announce` logs where probes go.
@@ -118,44 +127,99 @@ pub async fn serve(
     observers: Observers,
     context: Context,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let registry: SharedRegistry = Arc::new(std::sync::Mutex::new(Registry::new(
+        connections::capacity(),
+        connections::MAX_PER_ADDRESS,
+    )));
     let context = Arc::new(context);
+    let mut accept_failures = Throttle::new(ACCEPT_WARNING_EVERY);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "probe server accept failed");
+                // EMFILE and friends: back off instead of spinning, and say so once in a while.
+                if let Some(left_out) = accept_failures.occurred(Instant::now()) {
+                    warn!(error = %e, repeated = left_out, "probe server accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         observers.own_accepts.fetch_add(1, Ordering::Relaxed);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "too many probe connections, closing this one");
-            continue;
-        };
+        // On the dual-stack listener an IPv4 client shows as ::ffff:a.b.c.d.
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let admitted = connections::lock(&registry).admit(peer.ip(), Instant::now());
         let _ = stream.set_nodelay(true);
-        let (state, observers, context) = (state.clone(), observers.clone(), context.clone());
-        tokio::spawn(async move {
+        let connection = Connection {
+            stream,
+            peer,
+            admitted,
+            registry: registry.clone(),
+        };
+        tokio::spawn(connection.serve(state.clone(), observers.clone(), context.clone()));
+    }
+}
+
+/// One accepted probe connection and its place among the others.
+struct Connection {
+    stream: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    registry: SharedRegistry,
+}
+
+impl Connection {
+    /// Serves requests until the client closes, its headers time out, or it is cut to make room.
+    async fn serve(
+        self,
+        state: watch::Receiver<State>,
+        observers: Observers,
+        context: Arc<Context>,
+    ) {
+        let Connection {
+            stream,
+            peer,
+            admitted,
+            registry,
+        } = self;
+        let cut = admitted.cut.clone();
+        let timeout = admitted.header_timeout;
+        let id = admitted.id;
+        let served = async {
+            // Until the client sends something it costs a socket and no buffers: hyper allocates
+            // its buffers once it reads.
+            if !matches!(
+                tokio::time::timeout(timeout, stream.readable()).await,
+                Ok(Ok(()))
+            ) {
+                return;
+            }
+            let touched = registry.clone();
             let service = service_fn(move |request| {
+                connections::lock(&touched).touch(id, Instant::now());
                 // Copied out first: the watch channel's read lock is not held while answering.
                 let current = *state.borrow();
-                // On the dual-stack listener an IPv4 checker shows as ::ffff:a.b.c.d.
-                let checker = peer.ip().to_canonical();
-                let response = handle(&request, checker, current, &observers, &context);
+                let response = handle(&request, peer.ip(), current, &observers, &context);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
+            // Boxed: an idle connection's task stays small.
+            let connection = Box::pin(
+                http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(timeout)
+                    .max_header_size(MAX_HEADER_BYTES)
+                    .max_buf_size(MAX_BUFFER_BYTES)
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+            if let Err(e) = connection.await {
                 debug!(%peer, error = %e, "probe connection ended with an error");
             }
-            drop(slot);
-        });
+        };
+        tokio::select! {
+            () = served => {}
+            () = cut.notified() => debug!(%peer, "probe connection cut to make room for another"),
+        }
+        connections::lock(&registry).remove(id);
     }
 }
 
@@ -230,10 +294,7 @@ fn probe(
     observers: &Observers,
     context: &Context,
 ) -> Response<Full<Bytes>> {
-    let checker = CheckerId {
-        addr: peer,
-        agent: asked.agent.to_owned(),
-    };
+    let checker = CheckerId::new(peer, asked.agent);
     let now = Instant::now();
     let held = asked.path == "/ready"
         && checker.is_kubelet()

@@ -26,6 +26,7 @@ pub mod status;
 pub mod supervisor;
 pub mod sync;
 pub mod tcp;
+pub mod throttle;
 
 use std::io::Write;
 use std::process::ExitCode;
