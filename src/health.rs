@@ -24,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::cidr::Cidr;
 use crate::drain::lb_probes::{self, CheckerId, Checkers};
 use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
@@ -91,9 +92,22 @@ pub struct Context {
     /// balancers' checks.
     pub gate_opened: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
+    pub lb_sources: Vec<Cidr>,
 }
 
 impl Context {
+    /// Whether `checker` goes in the checker table: the kubelet always (it is tracked apart);
+    /// others only from `--lb-source` ranges, when given.
+    fn may_record(&self, checker: &CheckerId) -> bool {
+        checker.is_kubelet()
+            || self.lb_sources.is_empty()
+            || self
+                .lb_sources
+                .iter()
+                .any(|range| range.contains(checker.addr))
+    }
+
     /// Whether the start-up gate still holds the kubelet back from a ready app.
     fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
         let Some(gate) = self.startup_gate else {
@@ -308,7 +322,7 @@ fn probe(
     } else {
         respond(request, state.phase)
     };
-    if asked.path == "/ready" && asked.reads {
+    if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()

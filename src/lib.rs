@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod budget;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -29,6 +30,7 @@ pub mod tcp;
 pub mod throttle;
 
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -138,6 +140,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         startup_gate: config.startup_gate,
         gate_opened: AtomicBool::new(false),
         metrics: metrics.clone(),
+        lb_sources: config.lb_sources.clone(),
     };
     tokio::spawn(health::serve(
         probes,
@@ -196,13 +199,16 @@ fn observe_traffic(
     metrics: Arc<Metrics>,
 ) -> Observers {
     let observers = Observers::new(config.app_ports.clone());
-    let own_port = probes.local_addr().map_or(0, |a| a.port());
+    let own_port = traffic::OwnPort {
+        port: probes.local_addr().map_or(0, |a| a.port()),
+        listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),
+        accepts: observers.own_accepts.clone(),
+    };
     tokio::spawn(traffic::monitor(
         observers.traffic.clone(),
         app.pid,
         config.app_ports.clone(),
         own_port,
-        observers.own_accepts.clone(),
         lifecycle.subscribe(),
         metrics,
     ));
