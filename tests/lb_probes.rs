@@ -157,21 +157,52 @@ fn status_shows_each_checker_and_the_policy() {
 
 #[test]
 fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
-    let mut drainit = watching_lb_probes("200ms", "2s", "10s");
-    let (code, _) = http_request(
-        drainit.health,
-        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: NLB-probe\r\nConnection: close\r\n\r\n",
+    let mut drainit = Drainit::demo(
+        &[
+            "--drain-watch",
+            "lb-probes",
+            "--drain-min",
+            "200ms",
+            "--drain-max",
+            "2s",
+            "--grace-period",
+            "10s",
+            "--lb-unhealthy-threshold",
+            "100",
+        ],
+        &[],
     );
-    assert_eq!(code, 200);
+    let _lb = Checker::start(&drainit, "NLB-probe", Duration::from_millis(200), false);
+    thread::sleep(Duration::from_millis(1000));
     drainit.signal(Signal::SIGTERM);
     let (reason, evidence) = evidence(&mut drainit);
-    // One request is no interval: it might be a slow load balancer (an ALB checks every 30 s)
-    // until it stays away a minute. (A curl/ or browser User-Agent would not count at all.)
     assert!(reason.contains("--drain-max"), "{reason}: {evidence}");
     assert_eq!(
         evidence["lb_checkers_pending"],
         serde_json::json!(["127.0.0.1 NLB-probe"]),
         "{evidence}"
     );
+    assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+/// Issue 9: one request from anyone used to hold the drain to its cap (20 s for a drain of 1 s).
+#[test]
+fn a_one_off_request_does_not_hold_the_drain() {
+    let mut drainit = watching_lb_probes("200ms", "20s", "25s");
+    for agent in ["x", "NLB-probe"] {
+        let request = format!(
+            "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+        );
+        assert_eq!(http_request(drainit.health, &request).0, 200);
+        thread::sleep(Duration::from_millis(500));
+    }
+    let drained_after = drainit.drain_time();
+    let (reason, evidence) = evidence(&mut drainit);
+    assert!(
+        drained_after < SECS(3),
+        "drain took {drained_after:?}: {evidence}"
+    );
+    assert!(!reason.contains("--drain-max"), "{reason}: {evidence}");
+    assert_eq!(evidence["load_balancers"], 0, "{evidence}");
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
