@@ -176,6 +176,13 @@ pub async fn serve(
                 if let Some(left_out) = accept_failures.occurred(Instant::now()) {
                     warn!(error = %e, repeated = left_out, "probe server accept failed");
                 }
+                // Out of descriptors: one held connection makes way for the next probe.
+                if matches!(
+                    e.raw_os_error(),
+                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
+                ) {
+                    connections::lock(&server.registry).make_room();
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -32,12 +32,16 @@ const CROWD_GROWTH_KB: u64 = 6 * 1024;
 const RETURNS_WITHIN_KB: u64 = 1024;
 
 fn rss_kb(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    resident_kb(pid).expect("VmRSS in /proc/<pid>/status")
+}
+
+/// None once the process is gone.
+fn resident_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
 }
 
 /// Samples drainit's resident memory every 5 ms until dropped; `peak` is the highest seen.
@@ -53,7 +57,8 @@ impl RssWatch {
         let (p, r) = (peak.clone(), running.clone());
         thread::spawn(move || {
             while r.load(Ordering::Relaxed) {
-                p.fetch_max(rss_kb(pid), Ordering::Relaxed);
+                let Some(now) = resident_kb(pid) else { return };
+                p.fetch_max(now, Ordering::Relaxed);
                 thread::sleep(MS(5));
             }
         });

@@ -25,7 +25,8 @@ pub const MAX_CONNECTIONS: usize = 2048;
 pub const MAX_SERVING: usize = 32;
 /// One address (a node, a pod) holds at most this many: the others keep their room.
 pub const MAX_PER_ADDRESS: usize = 64;
-/// File descriptors kept free for drainit's own needs (signals, control channel, netlink).
+/// File descriptors kept free for drainit's own needs (signals, control channel, netlink); under
+/// a tiny open-file limit, three quarters of it.
 const FD_RESERVE: usize = 64;
 /// Probes send a few header lines at once; anything slower is not a probe. Also how long a
 /// connection may stay silent (before its first request, or between requests).
@@ -49,7 +50,8 @@ pub fn capacity() -> usize {
     } else {
         1024
     };
-    MAX_CONNECTIONS.min(fds.saturating_sub(FD_RESERVE)).max(8)
+    let room = fds.saturating_sub(FD_RESERVE).max(fds / 4);
+    MAX_CONNECTIONS.min(room).max(1)
 }
 
 /// The header timeout: shorter once `taken` reaches `room`.
@@ -149,8 +151,7 @@ impl Registry {
             self.cut_stalest(|open| open.addr == addr);
         }
         if self.open.len() >= self.capacity {
-            let heaviest = self.heaviest_address(|_| true);
-            self.cut_stalest(|open| Some(open.addr) == heaviest);
+            self.make_room();
         }
         let first_byte_timeout = under_pressure(self.open.len() * 4, self.capacity * 3);
         let id = self.next_id;
@@ -215,6 +216,13 @@ impl Registry {
         self.slot_freed.clone()
     }
 
+    /// Cuts the least recently active connection of the address holding the most: when the
+    /// registry is full, or accepting failed for lack of file descriptors.
+    pub fn make_room(&mut self) {
+        let heaviest = self.heaviest_address(|_| true);
+        self.cut_stalest(|open| Some(open.addr) == heaviest);
+    }
+
     /// A request arrived on connection `id`: it is in use, not hoarded.
     pub fn touch(&mut self, id: u64, now: Instant) {
         if let Some(open) = self.open.get_mut(&id) {
@@ -246,14 +254,17 @@ impl Registry {
         }
     }
 
-    /// The address holding the most connections among those `counted`.
+    /// The address holding the most connections among those `counted` (of two holding as
+    /// many, the one holding the stalest).
     fn heaviest_address(&self, counted: impl Fn(&Open) -> bool) -> Option<IpAddr> {
-        let mut held: HashMap<IpAddr, usize> = HashMap::new();
+        let mut held: HashMap<IpAddr, (usize, Instant)> = HashMap::new();
         for open in self.open.values().filter(|open| counted(open)) {
-            *held.entry(open.addr).or_default() += 1;
+            let (count, stalest) = held.entry(open.addr).or_insert((0, open.last_active));
+            *count += 1;
+            *stalest = (*stalest).min(open.last_active);
         }
         held.into_iter()
-            .max_by_key(|(_, n)| *n)
+            .max_by_key(|(_, (count, stalest))| (*count, std::cmp::Reverse(*stalest)))
             .map(|(addr, _)| addr)
     }
 
@@ -410,6 +421,6 @@ mod tests {
     #[test]
     fn capacity_leaves_descriptors_free() {
         let cap = capacity();
-        assert!((8..=MAX_CONNECTIONS).contains(&cap), "{cap}");
+        assert!((1..=MAX_CONNECTIONS).contains(&cap), "{cap}");
     }
 }
