@@ -172,18 +172,7 @@ pub async fn serve(
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning, and say so once in a while.
-                if let Some(left_out) = accept_failures.occurred(Instant::now()) {
-                    warn!(error = %e, repeated = left_out, "probe server accept failed");
-                }
-                // Out of descriptors: one held connection makes way for the next probe.
-                if matches!(
-                    e.raw_os_error(),
-                    Some(nix::libc::EMFILE | nix::libc::ENFILE)
-                ) {
-                    connections::lock(&server.registry).make_room();
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed(&e, &mut accept_failures, &server.registry).await;
                 continue;
             }
         };
@@ -200,6 +189,21 @@ pub async fn serve(
         };
         tokio::spawn(connection.serve(admitted.cut));
     }
+}
+
+/// EMFILE and friends: says so once in a while, lets a held connection make way when out of
+/// descriptors, and backs off instead of spinning.
+async fn accept_failed(error: &std::io::Error, warnings: &mut Throttle, registry: &SharedRegistry) {
+    if let Some(left_out) = warnings.occurred(Instant::now()) {
+        warn!(error = %error, repeated = left_out, "probe server accept failed");
+    }
+    if matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    ) {
+        connections::lock(registry).make_room();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
 /// What every connection shares: one pointer per connection, so that an idle one stays small.
