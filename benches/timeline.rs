@@ -305,16 +305,9 @@ fn ready_latency_while_the_app_check_hangs() {
 /// while 2,000 hostile connections (idle, slowloris, unterminated headers) are held, reopened as
 /// soon as drainit closes them; and drainit's peak memory meanwhile.
 fn kubelet_probes_under_a_hostile_crowd() {
-    use hostile_clients::{Crowd, Hostile, kubelet_probes};
+    use hostile_clients::{Crowd, Hostile, kubelet_probes, resident_kb};
     let mut drainit = Drainit::demo(&[], &[]);
-    let rss = |pid: i32| -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let rss = |pid: i32| resident_kb(pid).unwrap_or(0);
     let pid = drainit.pid().as_raw();
     let start = rss(pid);
     let health = drainit.health;

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Checker, Drainit, http_request, json};
-use hostile_clients::{Crowd, Hostile, kubelet_probes};
+use hostile_clients::{Crowd, Hostile, kubelet_probes, resident_kb};
 use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -33,15 +33,6 @@ const RETURNS_WITHIN_KB: u64 = 1024;
 
 fn rss_kb(pid: i32) -> u64 {
     resident_kb(pid).expect("VmRSS in /proc/<pid>/status")
-}
-
-/// None once the process is gone.
-fn resident_kb(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// Samples drainit's resident memory every 5 ms until dropped; `peak` is the highest seen.

@@ -156,3 +156,12 @@ pub fn kubelet_probes(addr: SocketAddr, duration: Duration) -> Vec<Option<Durati
     }
     results
 }
+
+/// A process's resident memory (VmRSS) in kB; None once it is gone.
+pub fn resident_kb(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
