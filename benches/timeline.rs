@@ -12,7 +12,7 @@ mod hostile_clients;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command};
+use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,15 +26,7 @@ const RUNS: usize = 15;
 fn build_demo_app() {
     let app = drainit_bin().parent().unwrap().join("examples/demo_app");
     if !app.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = Command::new(cargo)
-            .args(["build", "--release", "--example", "demo_app"])
-            .status()
-            .expect("run cargo to build the demo app");
-        assert!(
-            built.success(),
-            "cargo build --release --example demo_app failed"
-        );
+        common::binaries::cargo_build_release(&["--example", "demo_app"]);
     }
 }
 
@@ -261,6 +253,64 @@ fn main() {
     watching_cost(2000);
     ready_latency_while_the_app_check_hangs();
     kubelet_probes_under_a_hostile_crowd();
+    budget_kill_with_a_stuck_stderr();
+}
+
+/// A log collector that stopped reading, then 1,500 forwarded signals: log lines are dropped,
+/// while /alive, the budget kill and drainit's exit keep their time.
+fn budget_kill_with_a_stuck_stderr() {
+    let storm = [
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+    ];
+    let (mut kills, mut alive, mut exits, mut dropped) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
+    for _ in 0..5 {
+        let mut run = Drainit::demo(
+            &["--drain-delay", "0", "--grace-period", "2s"],
+            &["--ignore-term"],
+        );
+        let app = run.app_pid();
+        run.logs.stop_reading();
+        for signal in storm.iter().cycle().take(1500) {
+            kill(run.pid(), *signal).unwrap();
+            // Spaced, or the kernel merges them: each one is forwarded and logged.
+            thread::sleep(Duration::from_micros(100));
+        }
+        let asked = Instant::now();
+        assert_eq!(run.get("/alive").0, 200);
+        alive.push(asked.elapsed());
+        dropped += run.metric("drainit_log_lines_dropped_total");
+        let sigterm = Instant::now();
+        kill(run.pid(), Signal::SIGTERM).unwrap();
+        while common::is_running(app) {
+            thread::sleep(Duration::from_micros(200));
+        }
+        kills.push(abs_diff(Instant::now(), sigterm + Duration::from_secs(1)));
+        let (exited, code) = exit_time(&mut run.child);
+        assert_eq!(code, Some(137), "budget kill must exit 137");
+        exits.push(exited - sigterm);
+    }
+    report(
+        "stuck stderr: budget kill vs grace - 1s",
+        kills,
+        Bar::Max(Duration::from_millis(300)),
+    );
+    report(
+        "stuck stderr: /alive after 1,500 signals",
+        alive,
+        Bar::Max(Duration::from_millis(100)),
+    );
+    report(
+        "stuck stderr: drainit's exit after SIGTERM",
+        exits,
+        Bar::Max(Duration::from_secs(2)),
+    );
+    println!(
+        "{:<44} {} in 5 runs",
+        "stuck stderr: log lines dropped", dropped
+    );
 }
 
 /// An app check that never answers must not slow /ready down: probes answer from the lifecycle.

@@ -12,6 +12,7 @@
 //! ```text
 //! demo-app: listening on <ADDR>
 //! demo-app: grandchild pid <PID>          (with --spawn-grandchild)
+//! demo-app: closed the listener           (with --close-listener-after)
 //! demo-app: signal <NAME> at <UNIX_MILLIS> (NAME without "SIG", e.g. TERM)
 //! demo-app: exiting with <CODE>
 //! ```
@@ -81,6 +82,16 @@ struct Args {
     /// After a stop signal, keep serving existing connections this long before exiting.
     #[arg(long, default_value_t = 0, value_name = "MILLIS")]
     stop_delay: u64,
+
+    /// Start listening only this many milliseconds after start-up (a slow start: a JVM, a cache
+    /// to warm).
+    #[arg(long, default_value_t = 0, value_name = "MILLIS")]
+    listen_after: u64,
+
+    /// Close the listener this many milliseconds after it opened, and go on running (an app
+    /// that lost its listener).
+    #[arg(long, value_name = "MILLIS")]
+    close_listener_after: Option<u64>,
 
     /// Internal: the grandchild mode, ignore SIGTERM and sleep forever.
     #[arg(long, hide = true)]
@@ -177,16 +188,27 @@ async fn watch_signals(mut signals: Signals, ignore_term: bool, stop: watch::Sen
 async fn run(args: Args) -> std::io::Result<()> {
     // Catch signals before anything else so none falls through to its default action.
     let signals = Signals::new(REPORTED)?;
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    tokio::spawn(watch_signals(signals, args.ignore_term, stop_tx));
 
+    // A stop signal before the app listens stops it all the same.
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(args.listen_after)) => {}
+        _ = stop_rx.wait_for(|stop| *stop) => exit_now(args.exit_code),
+    }
     let listener = TcpListener::bind(args.listen).await?;
     say(&format!("listening on {}", listener.local_addr()?));
+    let close_listener = async {
+        match args.close_listener_after {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(close_listener);
 
     if args.spawn_grandchild {
         say(&format!("grandchild pid {}", spawn_grandchild()?));
     }
-
-    let (stop_tx, mut stop_rx) = watch::channel(false);
-    tokio::spawn(watch_signals(signals, args.ignore_term, stop_tx));
 
     let code = args.exit_code;
     if let Some(ms) = args.exit_after {
@@ -197,7 +219,7 @@ async fn run(args: Args) -> std::io::Result<()> {
     }
 
     let name: Arc<str> = args.name.into();
-    loop {
+    let lost_listener = loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _peer) = match accepted {
@@ -216,12 +238,18 @@ async fn run(args: Args) -> std::io::Result<()> {
                         .await;
                 });
             }
-            _ = stop_rx.wait_for(|stop| *stop) => break,
+            _ = stop_rx.wait_for(|stop| *stop) => break false,
+            () = &mut close_listener => break true,
         }
+    };
+    drop(listener);
+    if lost_listener {
+        say("closed the listener");
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+        exit_now(code);
     }
 
-    // Stop accepting, but let open connections finish for --stop-delay.
-    drop(listener);
+    // Stopped accepting; let open connections finish for --stop-delay.
     tokio::time::sleep(Duration::from_millis(args.stop_delay)).await;
     exit_now(code);
 }

@@ -6,6 +6,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::signal::{self, SigHandler, Signal};
@@ -14,6 +16,10 @@ use tracing::{debug, info, warn};
 
 use crate::exit::{self, StartupError};
 use crate::process_tree;
+use crate::throttle::Throttle;
+
+/// How long drainit keeps killing what the app left behind before it gives up and exits.
+pub const LEFTOVERS_LIMIT: Duration = Duration::from_secs(2);
 
 /// The app's program and arguments, as given after `--`.
 #[derive(Debug, Clone)]
@@ -75,12 +81,21 @@ impl App {
 
     /// Forwards `signal` to the app (or its group, with `--group`).
     pub fn forward(&self, signal: i32) {
-        let target = if self.forward_to_group {
+        send(self.signal_target(), signal);
+    }
+
+    /// Continues the app (or its group) in case it is stopped (SIGSTOP, a debugger): a stopped
+    /// process keeps its stop signal pending, and every stop would end in the budget kill.
+    pub fn resume(&self) {
+        send(self.signal_target(), Signal::SIGCONT as i32);
+    }
+
+    fn signal_target(&self) -> Pid {
+        if self.forward_to_group {
             self.group()
         } else {
             self.pid
-        };
-        send(target, signal);
+        }
     }
 
     /// SIGKILLs the app's whole process group, grandchildren included.
@@ -93,27 +108,57 @@ impl App {
     /// After the app exited: SIGKILLs what it left behind, the rest of its process group and
     /// every process drainit adopted (a daemon that left the group with setsid), as the kernel
     /// does to a container's processes when its PID 1 exits. So drainit leaves no stragglers
-    /// when it is not PID 1 either. drainit's `own` processes (app checks) are killed too, but
-    /// are not the app's leftovers. Returns whether the app left anything.
-    pub fn kill_leftovers(&self, own: &[Pid]) -> bool {
+    /// when it is not PID 1 either: it kills again until none is left, since a daemon may fork
+    /// between one look and the kill (`reap` collects the dead in between), for at most
+    /// [`LEFTOVERS_LIMIT`]. As PID 1 one round does: the kernel kills the rest when drainit exits.
+    /// drainit's `own` processes (app checks) are killed too, but are not the app's leftovers.
+    /// Returns whether the app left anything.
+    pub fn kill_leftovers(&self, own: &[Pid], mut reap: impl FnMut()) -> bool {
+        let deadline = Instant::now() + LEFTOVERS_LIMIT;
+        let apps_own = |pid: &Pid| !own.contains(pid);
+        let mut left_any = false;
+        loop {
+            let killed = self.kill_leftovers_once();
+            left_any |= killed.iter().any(apps_own);
+            if killed.is_empty() || unistd::getpid().as_raw() == 1 {
+                return left_any;
+            }
+            if Instant::now() >= deadline {
+                warn!(
+                    left = killed.len(),
+                    "processes the app left behind still run after {LEFTOVERS_LIMIT:?} of SIGKILLs"
+                );
+                return left_any;
+            }
+            reap();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// SIGKILLs the app's group and every live descendant of drainit; returns those it reached.
+    fn kill_leftovers_once(&self) -> Vec<Pid> {
+        // The group first: its members are drainit's descendants too (drainit is their
+        // subreaper), but one call reaches them all at once. Its zombies answer too, so only
+        // the descendants below tell whether anything is left.
+        let _ = signal::killpg(self.pid, Signal::SIGKILL);
         let me = std::process::id() as i32;
-        let mut left = process_tree::descendants_and_self(me);
-        left.retain(|pid| *pid != me && !process_tree::is_zombie(*pid));
-        let group_left = signal::killpg(self.pid, None).is_ok();
-        if group_left {
-            send(self.group(), Signal::SIGKILL as i32);
-        }
-        for pid in &left {
-            send(Pid::from_raw(*pid), Signal::SIGKILL as i32);
-        }
-        let apps_own = |pid: &i32| !own.contains(&Pid::from_raw(*pid));
-        left.iter().any(apps_own)
+        process_tree::descendants_and_self(me)
+            .into_iter()
+            .filter(|pid| *pid != me && !process_tree::is_zombie(*pid))
+            .map(Pid::from_raw)
+            .filter(|pid| signal::kill(*pid, Signal::SIGKILL).is_ok())
+            .collect()
     }
 
     fn group(&self) -> Pid {
         Pid::from_raw(-self.pid.as_raw())
     }
 }
+
+/// Failures to signal the app, logged at most once per 10 s: refused once (EPERM, the app
+/// changed its uid), a signal is refused every time after, and a storm of them would flood the
+/// log.
+static SIGNAL_FAILURES: Mutex<Throttle> = Mutex::new(Throttle::new(Duration::from_secs(10)));
 
 fn send(target: Pid, signal: i32) {
     // SAFETY: kill(2) takes plain integers; no memory is shared with the callee.
@@ -122,7 +167,12 @@ fn send(target: Pid, signal: i32) {
         Ok(_) => debug!(target = target.as_raw(), signal, "signal sent"),
         // Already gone: its exit status is on its way to the reaper.
         Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
-        Err(e) => warn!(target = target.as_raw(), signal, error = %e, "could not signal the app"),
+        Err(e) => {
+            if let Some(held_back) = crate::sync::lock(&SIGNAL_FAILURES).occurred(Instant::now()) {
+                let target = target.as_raw();
+                warn!(target, signal, error = %e, held_back, "could not signal the app");
+            }
+        }
     }
 }
 

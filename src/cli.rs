@@ -99,8 +99,8 @@ pub struct RunArgs {
     #[arg(long, env = "DRAINIT_QUIET_PERIOD", value_name = "auto|DURATION", value_parser = parse_quiet_period)]
     pub quiet_period: Option<QuietPeriod>,
 
-    /// The app's serving ports, where traffic is observed (repeatable) [default: the ports the
-    /// app's processes listen on].
+    /// The app's serving ports, where traffic is observed and, by default, readiness too: ready
+    /// once all of them listen (repeatable) [default: the ports the app's processes listen on].
     #[arg(
         long = "app-port",
         env = "DRAINIT_APP_PORT",
@@ -135,11 +135,14 @@ pub struct RunArgs {
     )]
     pub ready_http: Option<String>,
 
-    /// Ready only while a TCP connection to HOST:PORT succeeds.
+    /// Ready only while a TCP connection to HOST:PORT succeeds. `auto` (the default, with no
+    /// other check): ready only while the app listens on TCP, on --app-port or else on the ports
+    /// its processes listen on. `none`: ready as soon as the app started (a worker that serves no
+    /// TCP) [default: auto].
     #[arg(
         long,
         env = "DRAINIT_READY_TCP",
-        value_name = "HOST:PORT",
+        value_name = "auto|none|HOST:PORT",
         group = "app_check"
     )]
     pub ready_tcp: Option<String>,
@@ -163,8 +166,7 @@ pub struct RunArgs {
     #[arg(long, env = "DRAINIT_READY_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
     pub ready_timeout: Option<Duration>,
 
-    /// Ready only after the app check has passed without a break for this long (or, without a
-    /// check, this long after the app started).
+    /// Ready only after the app check has passed without a break for this long.
     #[arg(long, env = "DRAINIT_MIN_READY", value_name = "DURATION",
           default_value = "0s", value_parser = parse_duration)]
     pub min_ready: Duration,
@@ -327,12 +329,35 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let duration = parsed.map_err(|()| {
         format!("expected a duration like 500ms, 15s, 2m or a number of seconds, got '{text}'")
     })?;
+    if let Some(unit) = repeated_unit(text) {
+        // humantime adds them up: `1h1h` would be 2 h, more likely a typo than a wish.
+        return Err(format!(
+            "'{text}' gives the unit '{unit}' twice: give each unit once, e.g. 1m30s"
+        ));
+    }
     if duration > MAX_DURATION {
         return Err(format!(
             "'{text}' is longer than drainit's limit of 10 years: give a shorter duration"
         ));
     }
     Ok(duration)
+}
+
+/// The first unit of a humantime duration that repeats an earlier one, spelled the same or not
+/// (`1m1min`): units are the same when one of each is the same duration.
+fn repeated_unit(text: &str) -> Option<&str> {
+    let units: Vec<&str> = text
+        .split(|c: char| !c.is_alphabetic())
+        .filter(|unit| !unit.is_empty())
+        .collect();
+    let one = |unit: &str| humantime::parse_duration(&format!("1{unit}")).ok();
+    units.iter().enumerate().find_map(|(i, unit)| {
+        let this = one(unit)?;
+        units[..i]
+            .iter()
+            .any(|earlier| one(earlier) == Some(this))
+            .then_some(*unit)
+    })
 }
 
 /// A duration as a user would type it back on the command line: `28s`, `28500ms`.
@@ -388,6 +413,9 @@ mod tests {
         assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1h 1m 1s"), Ok(Duration::from_secs(3661)));
+        assert_eq!(parse_duration("1M1m"), Ok(Duration::from_secs(2_630_076)));
     }
 
     #[test]
@@ -410,6 +438,10 @@ mod tests {
             "11years",
             "1e30",
             "300000000000y",
+            "1h1h",
+            "1m30s1m",
+            "1m 1min",
+            "2s500ms3s",
         ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should not parse");
         }

@@ -13,7 +13,7 @@ use crate::cli::{RunArgs, env_variable, format_duration};
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
-use crate::readiness::{AppCheck, ReadinessConfig, StartupGate};
+use crate::readiness::{AppCheck, ReadinessConfig, StartupGate, TcpOption};
 
 /// How long the start-up gate waits for load balancers by default: two checks at AWS ALB's
 /// default 30 s interval, with room to spare.
@@ -49,11 +49,7 @@ impl RunConfig {
             drain.longest(),
             &longest_drain_flag(&args),
         )?;
-        if args.app_ports.contains(&0) {
-            return Err(StartupError::usage(
-                "--app-port 0 is not a port: give the port the app serves on (1-65535)",
-            ));
-        }
+        let app_ports = app_ports(&args)?;
         let readiness = readiness(&args)?;
         let startup_gate = startup_gate(&args)?;
         let lb_sources = lb_sources(&args, &drain, startup_gate.is_some())?;
@@ -67,28 +63,44 @@ impl RunConfig {
             readiness,
             startup_gate,
             lb_sources,
-            app_ports: args.app_ports,
+            app_ports,
         })
     }
 }
 
+/// The app check: the one given, or by default `--ready-tcp auto` (the app listens): drainit
+/// never calls an app ready that cannot take a connection yet. `--ready-tcp none` turns checks
+/// off, and with them every option that tunes one.
 fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
+    let listen = || AppCheck::Listen(args.app_ports.clone());
     let check = match (&args.ready_http, &args.ready_tcp, &args.ready_exec) {
         (Some(url), _, _) => Some(AppCheck::http(url)?),
-        (_, Some(target), _) => Some(AppCheck::tcp(target)?),
+        (_, Some(value), _) => match AppCheck::tcp_option(value)? {
+            TcpOption::Auto => Some(listen()),
+            TcpOption::None => None,
+            TcpOption::Connect(check) => Some(check),
+        },
         (_, _, Some(command)) => Some(AppCheck::exec(command)?),
-        _ => None,
+        _ => Some(listen()),
     };
+    let mut min_ready = args.min_ready;
     if check.is_none() {
         let stray = [
             ("--ready-interval", args.ready_interval.is_some()),
             ("--ready-timeout", args.ready_timeout.is_some()),
+            ("--min-ready", !args.min_ready.is_zero()),
         ];
+        let none = if args.is_from_env("--ready-tcp") {
+            "DRAINIT_READY_TCP=none"
+        } else {
+            "--ready-tcp none"
+        };
         refuse_stray(
             args,
             &stray,
-            "an app check: add --ready-http, --ready-tcp or --ready-exec",
+            &format!("an app check: drop {none} for the default one (the app listens)"),
         )?;
+        min_ready = Duration::ZERO;
     }
     let interval = args.ready_interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
     let timeout = args.ready_timeout.unwrap_or(DEFAULT_CHECK_TIMEOUT);
@@ -106,7 +118,7 @@ fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
         check,
         interval,
         timeout,
-        min_ready: args.min_ready,
+        min_ready,
     })
 }
 
@@ -123,6 +135,22 @@ fn lb_sources(args: &RunArgs, drain: &DrainPolicy, gate: bool) -> Result<Vec<Cid
     } else {
         Vec::new()
     })
+}
+
+/// An app port that is drainit's own probe port would make drainit's listener the app's.
+fn app_ports(args: &RunArgs) -> Result<Vec<u16>, StartupError> {
+    if args.app_ports.contains(&0) {
+        return Err(StartupError::usage(
+            "--app-port 0 is not a port: give the port the app serves on (1-65535)",
+        ));
+    }
+    let own = args.health_listen.port();
+    if own != 0 && args.app_ports.contains(&own) {
+        return Err(StartupError::usage(format!(
+            "--app-port {own} is drainit's own probe port (--health-listen): give the port the app serves on, or move the probes"
+        )));
+    }
+    Ok(args.app_ports.clone())
 }
 
 fn startup_gate(args: &RunArgs) -> Result<Option<StartupGate>, StartupError> {

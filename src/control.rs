@@ -3,6 +3,9 @@
 //! A Unix socket, abstract by default: the hook needs no shell, no writable filesystem, and only
 //! processes in the pod's network namespace can reach it; it is never a TCP listener. The protocol
 //! is one line each way: the hook sends `drain`, drainit answers once the drain is over.
+//!
+//! Only a caller with drainit's own uid, or root, may start the drain (its uid comes from the
+//! kernel, SO_PEERCRED): any other user in the pod is refused, or it could stop the app.
 
 use std::fmt;
 use std::io;
@@ -11,9 +14,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixListener as StdUnixListener};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use nix::unistd::Uid;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio_util::codec::{Framed, LinesCodec};
@@ -21,6 +25,7 @@ use tracing::{debug, warn};
 
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
+use crate::throttle::Throttle;
 
 /// The request line of `drainit prestop`.
 pub const DRAIN_REQUEST: &str = "drain";
@@ -28,11 +33,15 @@ pub const DRAIN_REQUEST: &str = "drain";
 pub const REPLY_DRAINED: &str = "drained";
 /// Answer when the app is gone (it exited, or was stopped) before or during the drain.
 pub const REPLY_APP_EXITED: &str = "app-exited";
+/// Answer to a caller that may not drain this pod, followed by `: ` and the reason.
+pub const REPLY_REFUSED: &str = "refused";
 
 /// A peer that connects and says nothing must not hold a task forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longer than any valid line either way: a peer cannot make drainit buffer more.
-const MAX_LINE_BYTES: usize = 64;
+const MAX_LINE_BYTES: usize = 256;
+/// Repeated refusals and accept failures are logged at most this often.
+const WARN_INTERVAL: Duration = Duration::from_secs(10);
 /// The kernel's limit on `sun_path`, less the terminating NUL.
 const MAX_NAME_BYTES: usize = 107;
 
@@ -149,17 +158,48 @@ fn is_socket(path: &std::path::Path) -> bool {
 /// Answers `drainit prestop` connections: each one asks for the drain and is answered when it is
 /// over. Runs until the process exits.
 pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch::Receiver<State>) {
+    let drainit_uid = Uid::effective();
+    let mut refusals = Throttle::new(WARN_INTERVAL);
+    let mut accept_failures = Throttle::new(WARN_INTERVAL);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, drain.clone(), state.clone()));
-            }
+            Ok((stream, _)) => match caller_may_drain(&stream, drainit_uid) {
+                Ok(()) => {
+                    tokio::spawn(answer(stream, drain.clone(), state.clone()));
+                }
+                Err(refusal) => {
+                    if let Some(held_back) = refusals.occurred(Instant::now()) {
+                        warn!(held_back, "drain request refused: {refusal}");
+                    }
+                    tokio::spawn(refuse(stream, refusal));
+                }
+            },
             Err(e) => {
-                warn!(error = %e, "control socket accept failed");
+                // Out of file descriptors, say: it fails again at once, and would flood the log.
+                if let Some(held_back) = accept_failures.occurred(Instant::now()) {
+                    warn!(error = %e, held_back, "control socket accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
+}
+
+/// Whether the caller runs as drainit's uid or as root; if not, why it is refused.
+fn caller_may_drain(stream: &UnixStream, drainit_uid: Uid) -> Result<(), String> {
+    let caller = stream
+        .peer_cred()
+        .map_err(|e| format!("cannot tell the caller's uid ({e})"))?;
+    let uid = Uid::from_raw(caller.uid());
+    if uid.is_root() || uid == drainit_uid {
+        return Ok(());
+    }
+    let pid = caller
+        .pid()
+        .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+    Err(format!(
+        "uid {uid}{pid} may not drain this pod: only drainit's uid ({drainit_uid}) or root may"
+    ))
 }
 
 /// One line each way, at most [`MAX_LINE_BYTES`] long.
@@ -167,14 +207,19 @@ pub fn lines(stream: UnixStream) -> Framed<UnixStream, LinesCodec> {
     Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE_BYTES))
 }
 
-async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::Receiver<State>) {
-    let mut channel = lines(stream);
-    let request = match tokio::time::timeout(REQUEST_TIMEOUT, channel.next()).await {
+/// The caller's request line, or what came instead.
+async fn read_request(channel: &mut Framed<UnixStream, LinesCodec>) -> String {
+    match tokio::time::timeout(REQUEST_TIMEOUT, channel.next()).await {
         Ok(Some(Ok(line))) => line,
         Ok(Some(Err(e))) => e.to_string(),
         Ok(None) => "nothing".to_owned(),
         Err(_) => format!("nothing within {REQUEST_TIMEOUT:?}"),
-    };
+    }
+}
+
+async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::Receiver<State>) {
+    let mut channel = lines(stream);
+    let request = read_request(&mut channel).await;
     if request.trim() != DRAIN_REQUEST {
         debug!(%request, "ignoring malformed control request");
         let _ = channel.send("error: expected 'drain'").await;
@@ -188,6 +233,14 @@ async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::R
         Err(_) => REPLY_APP_EXITED,
     };
     let _ = channel.send(reply).await;
+}
+
+/// Tells a caller that may not drain why. Its request is read first: it sends before it reads,
+/// and a socket closed under its feet would read as "drainit is gone".
+async fn refuse(stream: UnixStream, refusal: String) {
+    let mut channel = lines(stream);
+    let _ = read_request(&mut channel).await;
+    let _ = channel.send(format!("{REPLY_REFUSED}: {refusal}")).await;
 }
 
 #[cfg(test)]

@@ -11,6 +11,9 @@ pub const USAGE: u8 = 2;
 pub const SETUP_FAILED: u8 = 71;
 /// `drainit prestop` found no drainit on the control channel.
 pub const PRESTOP_UNREACHABLE: u8 = 69;
+/// `drainit prestop` was refused: it runs as another user than drainit, and not as root
+/// (sysexits' EX_NOPERM).
+pub const PRESTOP_REFUSED: u8 = 77;
 /// `drainit prestop` gave up waiting (its `--timeout`), like timeout(1).
 pub const PRESTOP_TIMEOUT: u8 = 124;
 /// The command exists but cannot be executed, as in POSIX shells.

@@ -16,6 +16,8 @@ pub mod drain;
 pub mod exit;
 pub mod health;
 pub mod lifecycle;
+pub mod listening;
+pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
@@ -29,12 +31,11 @@ pub mod sync;
 pub mod tcp;
 pub mod throttle;
 
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -47,40 +48,49 @@ use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, Lifecycle};
 use crate::metrics::Metrics;
-use crate::readiness::SharedCheckLog;
+use crate::readiness::{RunningCheck, SharedCheckLog};
 use crate::reaper::Reaper;
 use crate::supervisor::{Inputs, Supervisor};
 
 /// The whole program: `main.rs` only calls this.
 pub fn main() -> ExitCode {
+    let code = parse_and_run();
+    // The last lines (why drainit exits) are worth a short wait for stderr, never a long one.
+    log_writer::flush(LAST_LINES_WAIT);
+    ExitCode::from(code)
+}
+
+/// How long drainit waits at exit for a stuck stderr to take its last log lines.
+const LAST_LINES_WAIT: Duration = Duration::from_millis(500);
+
+fn parse_and_run() -> u8 {
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) if e.code == 0 => {
             println!("{e}");
-            return ExitCode::SUCCESS;
+            return 0;
         }
         Err(e) => {
-            eprintln!("drainit: {e}");
-            return ExitCode::from(e.code);
+            log_writer::print_line(&format!("drainit: {e}"));
+            return e.code;
         }
     };
     if let Err(e) = logging::init(&cli.shared) {
-        eprintln!("drainit: {e}");
-        return ExitCode::from(e.code);
+        log_writer::print_line(&format!("drainit: {e}"));
+        return e.code;
     }
-    let code = match run(cli) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             if tracing::enabled!(tracing::Level::ERROR) {
                 error!(exit_code = e.code, "{e}");
             } else {
                 // Even with --log-level off, why nothing started must be said.
-                let _ = writeln!(std::io::stderr(), "drainit: {e}");
+                log_writer::print_line(&format!("drainit: {e}"));
             }
             e.code
         }
-    };
-    ExitCode::from(code)
+    }
 }
 
 fn run(cli: Cli) -> Result<u8, StartupError> {
@@ -129,7 +139,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let metrics = Arc::new(Metrics::new());
     let mut lifecycle = Lifecycle::new(metrics.clone());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let (readiness, check_log) = watch_readiness(&config, &mut lifecycle, &reaper, &metrics);
+    let (readiness, check_log) =
+        watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
     let (drain_tx, drain_rx) = mpsc::channel(8);
     let context = health::Context {
         started,
@@ -161,25 +172,29 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     Ok(code)
 }
 
-/// Starts the app check, whose verdicts the supervisor applies; with nothing to wait for, the
-/// app is ready at once, before the first probe can arrive.
+/// Starts the app check, whose verdicts the supervisor applies; with `--ready-tcp none` there is
+/// nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
+    app: App,
+    probes: &TcpListener,
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
     metrics: &Arc<Metrics>,
 ) -> (mpsc::Receiver<Event>, SharedCheckLog) {
     let check_log = SharedCheckLog::default();
     let (verdicts, readiness) = mpsc::channel(8);
-    if config.readiness.check.is_none() && config.readiness.min_ready.is_zero() {
+    let Some(check) = config.readiness.check.clone() else {
         lifecycle.apply(Event::AppReady);
         return (readiness, check_log);
-    }
+    };
+    let probes = probes.local_addr().unwrap_or(config.health_listen);
+    let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
     let metrics = metrics.clone();
     tokio::spawn(readiness::run(
+        running,
         config.readiness.clone(),
         check_log.clone(),
-        reaper.waiters(),
         verdicts,
         lifecycle.subscribe(),
         move |check, outcome| {

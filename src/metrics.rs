@@ -1,5 +1,5 @@
 //! Prometheus metrics for `GET /metrics`: the lifecycle, drains, the app's stop, probes, readiness
-//! checks, signals and reaping.
+//! checks, signals, reaping and lost log lines.
 //!
 //! One [`Metrics`] is built at start-up and shared as `Arc<Metrics>`; every method takes `&self`,
 //! is thread-safe and costs a few atomic operations (a labelled series takes a read lock, and a
@@ -33,6 +33,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::readiness::AppCheck;
+
 /// Content-Type for [`Metrics::render`]'s output: the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -51,7 +53,7 @@ const DRAIN_REASONS: [&str; 6] = [
 ];
 const PROBE_PATHS: [&str; 4] = ["/alive", "/ready", "/status", "/metrics"];
 const CHECKERS: [&str; 3] = ["kubelet", "load_balancer", "other"];
-const CHECK_KINDS: [&str; 3] = ["http", "tcp", "exec"];
+const CHECK_KINDS: [&str; 4] = AppCheck::KINDS;
 const CHECK_RESULTS: [&str; 3] = ["pass", "fail", "timeout"];
 const SIGNALS: [&str; 12] = [
     "SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGTERM", "SIGCONT", "SIGTSTP",
@@ -234,6 +236,11 @@ impl Metrics {
             "drainit_late_arrivals",
             "Requests that reached the app after its stop signal",
             metrics.late_arrivals.clone(),
+        );
+        registry.register(
+            "drainit_log_lines_dropped",
+            "Log lines dropped because stderr was not read fast enough (or failed)",
+            crate::log_writer::dropped_lines(),
         );
         metrics
     }
@@ -619,6 +626,7 @@ mod tests {
             "probe_requests",
             "app_checks",
             "late_arrivals",
+            "log_lines_dropped",
         ] {
             let name = format!("drainit_{counter}_total");
             assert!(

@@ -49,6 +49,10 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
             );
             0
         }
+        refused if refused.starts_with(control::REPLY_REFUSED) => {
+            error!("drainit at {addr} {refused} (run the hook as the container's user)");
+            exit::PRESTOP_REFUSED
+        }
         other => {
             error!(
                 reply = other,

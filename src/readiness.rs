@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::fmt;
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ use crate::app;
 use crate::drain::lb_probes::Checkers;
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
+use crate::listening::{self, ListenCheck};
 use crate::reaper::Waiters;
 
 /// How the app says it is ready.
@@ -38,6 +40,20 @@ pub enum AppCheck {
     Tcp(String),
     /// This command (argv, no shell) exits 0.
     Exec(Vec<OsString>),
+    /// The app listens on TCP (`--ready-tcp auto`, the default): on these ports, or with none
+    /// given, on the ports its processes hold listening sockets for.
+    Listen(Vec<u16>),
+}
+
+/// What `--ready-tcp` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcpOption {
+    /// `auto`: the app listens (the default, spelled out).
+    Auto,
+    /// `none`: no check, ready once started (a worker that serves no TCP).
+    None,
+    /// HOST:PORT accepts a connection.
+    Connect(AppCheck),
 }
 
 impl AppCheck {
@@ -78,13 +94,22 @@ impl AppCheck {
         Ok(AppCheck::Http(uri))
     }
 
+    /// `--ready-tcp`: `auto`, `none` or HOST:PORT.
+    pub fn tcp_option(value: &str) -> Result<TcpOption, StartupError> {
+        match value {
+            "auto" => Ok(TcpOption::Auto),
+            "none" => Ok(TcpOption::None),
+            target => Self::tcp(target).map(TcpOption::Connect),
+        }
+    }
+
     pub fn tcp(target: &str) -> Result<Self, StartupError> {
         let valid = target.rsplit_once(':').is_some_and(|(host, port)| {
             !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !valid {
             return Err(StartupError::usage(format!(
-                "invalid --ready-tcp '{target}': expected HOST:PORT, e.g. 127.0.0.1:5432"
+                "invalid --ready-tcp '{target}': expected HOST:PORT (e.g. 127.0.0.1:5432), auto or none"
             )));
         }
         Ok(AppCheck::Tcp(target.to_owned()))
@@ -115,29 +140,78 @@ impl AppCheck {
             AppCheck::Http(_) => "http",
             AppCheck::Tcp(_) => "tcp",
             AppCheck::Exec(_) => "exec",
+            AppCheck::Listen(_) => "listen",
+        }
+    }
+
+    pub const KINDS: [&'static str; 4] = ["http", "tcp", "exec", "listen"];
+}
+
+/// A check with what it needs to run: the reaper's waiters (exec) and what it has seen of the
+/// app's listeners (listen).
+pub struct RunningCheck {
+    check: AppCheck,
+    waiters: Waiters,
+    listening: ListenCheck,
+}
+
+impl RunningCheck {
+    /// `app` and `probes` (where drainit's probe server listens) tell the app's listeners from
+    /// others.
+    pub fn new(check: AppCheck, waiters: Waiters, app: Pid, probes: SocketAddr) -> Self {
+        let given = match &check {
+            AppCheck::Listen(ports) => ports.clone(),
+            _ => Vec::new(),
+        };
+        Self {
+            check,
+            waiters,
+            listening: ListenCheck::new(given, app, probes),
+        }
+    }
+
+    pub fn check(&self) -> &AppCheck {
+        &self.check
+    }
+
+    /// How long until the next check. The default check costs one listener dump: while the app
+    /// starts it looks more often than `--ready-interval`, so that a pod turns ready within a
+    /// fraction of a second of its app; an app that has not listened for a while (a worker
+    /// without --ready-tcp none) is looked at as often as any other.
+    fn interval(&self, configured: Duration, ever_ready: bool, waited: Duration) -> Duration {
+        match self.check {
+            AppCheck::Listen(_) if !ever_ready && waited < LISTEN_STARTUP => {
+                configured.min(LISTEN_STARTUP_INTERVAL)
+            }
+            _ => configured,
         }
     }
 
     /// Runs the check once, within `timeout`.
-    async fn run(&self, timeout: Duration, waiters: &Waiters) -> Outcome {
+    async fn run(&mut self, timeout: Duration) -> Outcome {
         let started = Instant::now();
-        let result = match self {
-            AppCheck::Http(uri) => tokio::time::timeout(timeout, http_get(uri)).await,
-            AppCheck::Tcp(target) => {
-                tokio::time::timeout(timeout, async {
-                    TcpStream::connect(target.as_str())
-                        .await
-                        .map(drop)
-                        .map_err(|e| e.to_string())
-                })
+        let passed = |result: Result<(), String>| result.map(|()| String::new());
+        let result = match &self.check {
+            AppCheck::Http(uri) => tokio::time::timeout(timeout, http_get(uri))
                 .await
-            }
-            AppCheck::Exec(argv) => exec(argv, timeout, waiters).await,
+                .ok()
+                .map(passed),
+            AppCheck::Tcp(target) => tokio::time::timeout(timeout, async {
+                TcpStream::connect(target.as_str())
+                    .await
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+            .ok()
+            .map(passed),
+            AppCheck::Exec(argv) => exec(argv, timeout, &self.waiters).await.ok().map(passed),
+            AppCheck::Listen(_) => self.listening.run(timeout).await,
         };
         let (verdict, detail) = match result {
-            Ok(Ok(())) => (Verdict::Pass, String::new()),
-            Ok(Err(why)) => (Verdict::Fail, why),
-            Err(_) => (Verdict::Timeout, format!("no answer within {timeout:?}")),
+            Some(Ok(detail)) => (Verdict::Pass, detail),
+            Some(Err(why)) => (Verdict::Fail, why),
+            None => (Verdict::Timeout, format!("no answer within {timeout:?}")),
         };
         Outcome {
             verdict,
@@ -157,6 +231,7 @@ impl fmt::Display for AppCheck {
                 let words: Vec<_> = argv.iter().map(|w| w.to_string_lossy()).collect();
                 f.write_str(&words.join(" "))
             }
+            AppCheck::Listen(ports) => f.write_str(&listening::describe(ports)),
         }
     }
 }
@@ -336,33 +411,43 @@ impl CheckLog {
 }
 
 /// Runs the app check until the drain starts, sending `AppReady` once it has passed for
-/// `--min-ready` and `AppUnready` when it fails after that. Without a check, the app is ready
-/// `--min-ready` after it started.
+/// `--min-ready` and `AppUnready` when it fails after that. While the app is not ready it says
+/// every [`NOT_READY_REMINDER`] what it waits for: a pod that stays unready must say why.
 pub async fn run(
+    mut running: RunningCheck,
     config: ReadinessConfig,
     log: SharedCheckLog,
-    waiters: Waiters,
     events: mpsc::Sender<Event>,
     mut state: watch::Receiver<State>,
     on_check: impl Fn(&AppCheck, &Outcome),
 ) {
-    let Some(check) = config.check.clone() else {
-        tokio::time::sleep(config.min_ready).await;
-        let _ = events.send(Event::AppReady).await;
-        return;
-    };
+    let started = Instant::now();
     let mut ready = false;
+    let mut ever_ready = false;
+    let mut reminded = started;
     loop {
         if state.borrow_and_update().phase.drain_has_started() {
             return;
         }
-        let outcome = check.run(config.timeout, &waiters).await;
-        on_check(&check, &outcome);
+        let outcome = running.run(config.timeout).await;
+        let check = running.check();
+        on_check(check, &outcome);
+        if !ready && outcome.verdict != Verdict::Pass && reminded.elapsed() >= NOT_READY_REMINDER {
+            reminded = Instant::now();
+            warn!(
+                check = %check,
+                waited_s = started.elapsed().as_secs(),
+                ever_ready,
+                result = outcome.verdict.as_str(),
+                detail = outcome.detail,
+                "app not ready: /ready answers 503 until the app check passes"
+            );
+        }
         let passing_since = {
             let mut log = lock(&log);
             let previous = log.last.as_ref().map(|o| o.verdict);
             if previous != Some(outcome.verdict) {
-                report_change(&check, &outcome);
+                report_change(check, &outcome, ever_ready);
             }
             log.passing_since = match outcome.verdict {
                 Verdict::Pass => Some(log.passing_since.unwrap_or(outcome.at)),
@@ -374,6 +459,8 @@ pub async fn run(
         let now_ready = passing_since.is_some_and(|since| since.elapsed() >= config.min_ready);
         if now_ready != ready {
             ready = now_ready;
+            ever_ready |= ready;
+            reminded = Instant::now();
             let event = if ready {
                 Event::AppReady
             } else {
@@ -385,25 +472,50 @@ pub async fn run(
         let until_min_ready = passing_since
             .filter(|_| !ready)
             .map(|since| config.min_ready.saturating_sub(since.elapsed()));
-        let pause = until_min_ready.map_or(config.interval, |d| d.min(config.interval));
+        let interval = running.interval(config.interval, ever_ready, started.elapsed());
+        let pause = until_min_ready.map_or(interval, |d| d.min(interval));
         let _ = tokio::time::timeout(pause, state.changed()).await;
     }
 }
 
-fn report_change(check: &AppCheck, outcome: &Outcome) {
+/// How often the default check looks while the app starts, and for how long at most.
+const LISTEN_STARTUP_INTERVAL: Duration = Duration::from_millis(250);
+const LISTEN_STARTUP: Duration = Duration::from_secs(30);
+
+/// How often a pod that has not been ready yet says what it waits for.
+pub const NOT_READY_REMINDER: Duration = Duration::from_secs(10);
+
+/// A check that has not passed yet is the normal state of an app starting up; one that fails
+/// after the app was ready takes it out of rotation and is worth a warning.
+fn report_change(check: &AppCheck, outcome: &Outcome, ever_ready: bool) {
+    let (result, detail) = (outcome.verdict.as_str(), outcome.detail.as_str());
     match outcome.verdict {
         Verdict::Pass => {
-            info!(check = %check, duration_ms = outcome.duration.as_millis() as u64, "app check passes")
+            info!(check = %check, duration_ms = outcome.duration.as_millis() as u64, detail, "app check passes")
         }
-        verdict => {
-            warn!(check = %check, result = verdict.as_str(), detail = outcome.detail, "app check fails")
-        }
+        _ if !ever_ready => info!(check = %check, result, detail, "app not ready yet"),
+        _ => warn!(check = %check, result, detail, "app check fails"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_of_check_is_a_known_metric_label() {
+        for check in [
+            AppCheck::http("http://127.0.0.1:8080/").unwrap(),
+            AppCheck::tcp("localhost:1").unwrap(),
+            AppCheck::exec("true").unwrap(),
+            AppCheck::Listen(vec![]),
+        ] {
+            assert!(AppCheck::KINDS.contains(&check.kind()), "{check}");
+        }
+        assert_eq!(AppCheck::tcp_option("auto").unwrap(), TcpOption::Auto);
+        assert_eq!(AppCheck::tcp_option("none").unwrap(), TcpOption::None);
+        assert!(AppCheck::tcp_option("nonsense").is_err());
+    }
 
     #[test]
     fn check_targets_are_validated() {

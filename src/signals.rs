@@ -79,6 +79,11 @@ fn libc_sigrtmin() -> i32 {
     nix::libc::SIGRTMIN()
 }
 
+/// The real-time signal that `RTMIN` names, as the app's side counts: glibc (and so systemd, bash
+/// and kill(1) in most images) calls 34 SIGRTMIN, while musl keeps 34 for itself and would shift
+/// every `RTMIN+N` of the static build by one (systemd's RTMIN+3 is 37, not 38).
+const NAMED_SIGRTMIN: i32 = 34;
+
 fn libc_sigrtmax() -> i32 {
     nix::libc::SIGRTMAX()
 }
@@ -118,7 +123,7 @@ pub fn parse_signal(text: &str) -> Result<i32, String> {
 /// `RTMIN`, `RTMIN+N`, `RTMAX`, `RTMAX-N`.
 fn realtime(name: &str) -> Option<i32> {
     let (base, rest) = if let Some(rest) = name.strip_prefix("RTMIN") {
-        (libc_sigrtmin(), rest)
+        (NAMED_SIGRTMIN, rest)
     } else {
         (libc_sigrtmax(), name.strip_prefix("RTMAX")?)
     };
@@ -132,7 +137,7 @@ fn realtime(name: &str) -> Option<i32> {
 }
 
 fn is_realtime(signal: i32) -> bool {
-    (libc_sigrtmin()..=libc_sigrtmax()).contains(&signal)
+    (NAMED_SIGRTMIN..=libc_sigrtmax()).contains(&signal)
 }
 
 /// Signals that cannot ask an app to shut down: with one of these as the stop signal, every
@@ -150,9 +155,9 @@ const NEVER_STOPS: [Signal; 6] = [
 pub fn name(signal: i32) -> String {
     match Signal::try_from(signal) {
         Ok(known) => known.as_str().to_owned(),
-        Err(_) if signal == libc_sigrtmin() => "SIGRTMIN".to_owned(),
+        Err(_) if signal == NAMED_SIGRTMIN => "SIGRTMIN".to_owned(),
         Err(_) if signal == libc_sigrtmax() => "SIGRTMAX".to_owned(),
-        Err(_) if is_realtime(signal) => format!("SIGRTMIN+{}", signal - libc_sigrtmin()),
+        Err(_) if is_realtime(signal) => format!("SIGRTMIN+{}", signal - NAMED_SIGRTMIN),
         Err(_) => format!("signal {signal}"),
     }
 }
@@ -167,8 +172,12 @@ mod tests {
         assert_eq!(parse_signal("SIGQUIT"), Ok(Signal::SIGQUIT as i32));
         assert_eq!(parse_signal("winch"), Ok(Signal::SIGWINCH as i32));
         assert_eq!(parse_signal("15"), Ok(Signal::SIGTERM as i32));
-        let rtmin = libc_sigrtmin();
-        assert_eq!(parse_signal("SIGRTMIN+3"), Ok(rtmin + 3));
+        let rtmin = NAMED_SIGRTMIN;
+        assert_eq!(
+            parse_signal("SIGRTMIN+3"),
+            Ok(37),
+            "systemd's stop signal, as glibc counts"
+        );
         assert_eq!(parse_signal("rtmin"), Ok(rtmin));
         assert_eq!(parse_signal("RTMAX-1"), Ok(libc_sigrtmax() - 1));
         assert_eq!(parse_signal(&(rtmin + 3).to_string()), Ok(rtmin + 3));

@@ -292,8 +292,10 @@ impl Supervisor {
         self.stop_signal_sent();
     }
 
-    /// The app has been told to stop (the stop signal, or an operator's INT or QUIT).
+    /// The app has been told to stop (the stop signal, or an operator's INT or QUIT). A stopped
+    /// app is continued, so that it acts on it.
     fn stop_signal_sent(&mut self) {
+        self.app.resume();
         self.handoff_deadline = None;
         self.stop_sent = Some(Instant::now());
         self.lifecycle.apply(Event::StopSignalSent);
@@ -346,7 +348,10 @@ impl Supervisor {
             ),
         }
         self.lifecycle.apply(Event::AppExited { code });
-        if self.app.kill_leftovers(&self.reaper.waiters().pids()) {
+        let (app, reaper) = (self.app, &mut self.reaper);
+        if app.kill_leftovers(&reaper.waiters().pids(), || {
+            reaper.reap(app.pid);
+        }) {
             warn!("the app left processes behind: killed them");
         }
     }

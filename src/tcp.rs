@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::mem::size_of;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use netlink_packet_core::{
     DoneBuffer, ErrorBuffer, NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
@@ -136,15 +136,21 @@ impl TcpSampler {
         Ok(connections)
     }
 
-    /// Every listening TCP socket: (local port, inode), IPv4 and IPv6.
-    pub fn listeners(&mut self) -> io::Result<Vec<(u16, u32)>> {
+    /// Every listening TCP socket, IPv4 and IPv6.
+    pub fn listeners(&mut self) -> io::Result<Vec<Listener>> {
         let mut listeners = Vec::new();
         for family in [AF_INET, AF_INET6] {
             self.dump(
                 family,
                 StateFlags::LISTEN,
                 ExtensionFlags::empty(),
-                |header, _| listeners.push((header.socket_id.source_port, header.inode)),
+                |header, _| {
+                    listeners.push(Listener {
+                        port: header.socket_id.source_port,
+                        inode: header.inode,
+                        loopback: header.socket_id.source_address.to_canonical().is_loopback(),
+                    })
+                },
             )?;
         }
         Ok(listeners)
@@ -310,23 +316,119 @@ pub fn parse_passive_opens(snmp: &str) -> Option<u64> {
     values.split_whitespace().nth(index)?.parse().ok()
 }
 
-/// The ports that processes of the tree rooted at `root` (root and all its descendants, found
-/// via /proc/<pid>/task/*/children or the ppid field of /proc/<pid>/stat) listen on: match the
-/// `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`. Sorted, deduplicated.
-/// Unreadable /proc entries (processes that just exited) are skipped, never an error.
-pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> {
-    let port_of: HashMap<u32, u16> = listeners
-        .iter()
-        .filter(|(_, inode)| *inode != 0)
-        .map(|&(port, inode)| (inode, port))
-        .collect();
-    let mut ports = Vec::new();
-    if port_of.is_empty() {
-        return ports;
+/// A listening TCP socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Listener {
+    pub port: u16,
+    /// What ties it to a process's file descriptor (`socket:[inode]`).
+    pub inode: u32,
+    /// Bound to 127.0.0.1 or ::1 only: nothing outside the pod can connect to it.
+    pub loopback: bool,
+}
+
+/// Every listening TCP socket of the namespace, IPv4 and IPv6: from sock_diag when there is a
+/// sampler and it answers, else from /proc/net/tcp{,6} (sandboxes such as gVisor or qemu-user
+/// have no sock_diag). Empty when neither can be read.
+pub fn listeners(sampler: Option<&mut TcpSampler>) -> Vec<Listener> {
+    sampler
+        .and_then(|sampler| sampler.listeners().ok())
+        .unwrap_or_else(|| listeners_from_proc().unwrap_or_default())
+}
+
+/// The listening sockets of /proc/net/tcp and /proc/net/tcp6. Costs more than a sock_diag dump
+/// (the files list every socket, connections included), hence only a fallback.
+pub fn listeners_from_proc() -> io::Result<Vec<Listener>> {
+    let mut listeners = Vec::new();
+    let mut readable = false;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        if let Ok(table) = fs::read_to_string(file) {
+            readable = true;
+            listeners.extend(parse_proc_net_listeners(&table));
+        }
     }
+    if readable {
+        Ok(listeners)
+    } else {
+        Err(invalid(
+            "neither /proc/net/tcp nor /proc/net/tcp6 can be read",
+        ))
+    }
+}
+
+/// The LISTEN (state 0A) lines of a /proc/net/tcp table: "sl local rem st tx:rx tr:when retr
+/// uid timeout inode ...", the local address as hex IP:PORT.
+fn parse_proc_net_listeners(table: &str) -> Vec<Listener> {
+    const LISTEN: &str = "0A";
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(3) != Some(&LISTEN) {
+                return None;
+            }
+            let (address, port) = fields.get(1)?.rsplit_once(':')?;
+            Some(Listener {
+                port: u16::from_str_radix(port, 16).ok()?,
+                inode: fields.get(9)?.parse().ok()?,
+                loopback: parse_proc_net_address(address)?
+                    .to_canonical()
+                    .is_loopback(),
+            })
+        })
+        .collect()
+}
+
+/// A /proc/net/tcp address: the kernel prints each 32-bit word of the network-order address as
+/// a native-endian number, in hex.
+fn parse_proc_net_address(hex: &str) -> Option<IpAddr> {
+    let words: Option<Vec<[u8; 4]>> = (0..hex.len())
+        .step_by(8)
+        .map(|i| {
+            let word = u32::from_str_radix(hex.get(i..i + 8)?, 16).ok()?;
+            Some(word.to_ne_bytes())
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
+}
+
+/// What reading the file descriptors of a process tree found.
+#[derive(Debug, Default)]
+pub struct TreeSockets {
+    /// Its listening sockets, sorted.
+    pub sockets: Vec<Listener>,
+    /// Processes of the tree whose descriptors drainit may not read: another user's, without
+    /// CAP_SYS_PTRACE (an entrypoint that drops privileges).
+    pub unreadable: Vec<i32>,
+}
+
+/// The listening sockets that processes of the tree rooted at `root` (root and all its
+/// descendants) hold: match the `socket:[inode]` links in /proc/<pid>/fd/* against `listeners`.
+/// Stops reading as soon as every one of `listeners` is found. Processes that just exited are
+/// skipped, never an error.
+pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> TreeSockets {
+    let mut by_inode: HashMap<u32, Listener> = listeners
+        .iter()
+        .filter(|listener| listener.inode != 0)
+        .map(|listener| (listener.inode, *listener))
+        .collect();
+    let mut found = TreeSockets::default();
     for pid in process_tree::descendants_and_self(root.as_raw()) {
-        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
+        if by_inode.is_empty() {
+            break;
+        }
+        let fds = match fs::read_dir(format!("/proc/{pid}/fd")) {
+            Ok(fds) => fds,
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                found.unreadable.push(pid);
+                continue;
+            }
+            Err(_) => continue,
         };
         for fd in fds.flatten() {
             let Ok(target) = fs::read_link(fd.path()) else {
@@ -337,12 +439,23 @@ pub fn listening_ports_of_tree(root: Pid, listeners: &[(u16, u32)]) -> Vec<u16> 
                 .and_then(|t| t.strip_prefix("socket:["))
                 .and_then(|t| t.strip_suffix(']'))
                 .and_then(|t| t.parse::<u32>().ok());
-            if let Some(&port) = inode.and_then(|inode| port_of.get(&inode)) {
-                ports.push(port);
+            if let Some(listener) = inode.and_then(|inode| by_inode.remove(&inode)) {
+                found.sockets.push(listener);
             }
         }
     }
-    ports.sort_unstable();
+    found.sockets.sort_unstable_by_key(|l| (l.port, l.inode));
+    found
+}
+
+/// The ports that processes of the tree rooted at `root` listen on (see
+/// [`listening_sockets_of_tree`]). Sorted, deduplicated.
+pub fn listening_ports_of_tree(root: Pid, listeners: &[Listener]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listening_sockets_of_tree(root, listeners)
+        .sockets
+        .into_iter()
+        .map(|listener| listener.port)
+        .collect();
     ports.dedup();
     ports
 }
@@ -421,9 +534,9 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         };
         let port = listener.local_addr().unwrap().port();
         let listeners = sampler.listeners().unwrap();
-        let listed = listeners.iter().find(|(p, _)| *p == port);
+        let listed = listeners.iter().find(|l| l.port == port);
         assert!(
-            matches!(listed, Some((_, inode)) if *inode != 0),
+            listed.is_some_and(|l| l.inode != 0 && l.loopback),
             "{address} port {port} not listed with an inode: {listeners:?}"
         );
 
@@ -594,6 +707,52 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         child.wait().unwrap();
         assert!(ports.contains(&child_port), "{child_port} not in {ports:?}");
         assert!(ports.contains(&port));
+    }
+
+    #[test]
+    fn proc_net_tables_give_the_listeners() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4711 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:0050 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 4712 1 0000000000000000 20 4 30 10 -1
+   2: 00000000000000000000000000000000:22B8 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 4713 1 0000000000000000 100 0 0 10 0
+garbage line
+";
+        let listener = |port, inode, loopback| Listener {
+            port,
+            inode,
+            loopback,
+        };
+        assert_eq!(
+            parse_proc_net_listeners(table),
+            vec![listener(8080, 4711, false), listener(8888, 4713, false)]
+        );
+        let loopback = "  sl  local_address rem_address   st
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1 1
+   1: 00000000000000000000000001000000:1F91 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 2 1
+   2: 0000000000000000FFFF00000100007F:1F92 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 3 1
+   3: 0200000A:1F93 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 4 1
+";
+        let loopbacks: Vec<bool> = parse_proc_net_listeners(loopback)
+            .iter()
+            .map(|l| l.loopback)
+            .collect();
+        assert_eq!(loopbacks, [true, true, true, false]);
+    }
+
+    #[test]
+    fn proc_fallback_agrees_with_sock_diag() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut sampler = TcpSampler::new().unwrap();
+        let from_diag = listeners(Some(&mut sampler));
+        let from_proc = listeners_from_proc().unwrap();
+        let ours = |list: &[Listener]| list.iter().copied().find(|l| l.port == port);
+        assert!(
+            ours(&from_diag).is_some_and(|l| l.loopback),
+            "{port} not in {from_diag:?}"
+        );
+        assert_eq!(ours(&from_diag), ours(&from_proc));
+        assert_eq!(ours(&listeners(None)), ours(&from_diag));
     }
 
     #[test]

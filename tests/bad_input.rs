@@ -106,6 +106,7 @@ fn bad_flags_and_values_are_usage_errors() {
         ),
         (&["--grace-period=-3s"], "expected a duration"),
         (&["--grace-period", "300000000000y"], "limit of 10 years"),
+        (&["--grace-period", "1h1h"], "gives the unit 'h' twice"),
         (&["--stop-signal", "SIGNOPE"], "expected a signal like TERM"),
         (&["--stop-signal", "99"], "expected a signal like TERM"),
         (&["--stop-signal", "STOP"], "cannot ask the app to stop"),
@@ -252,9 +253,25 @@ fn readiness_options_are_checked() {
         "no time to answer",
     );
     assert_refused(
-        &["--ready-timeout", "2s"],
+        &["--ready-tcp", "none", "--ready-timeout", "2s"],
         2,
-        "only applies to an app check",
+        "--ready-timeout only applies to an app check: drop --ready-tcp none",
+    );
+    assert_refused(
+        &["--ready-tcp", "none", "--min-ready", "5s"],
+        2,
+        "--min-ready only applies to an app check",
+    );
+    assert_refused(
+        &["--ready-tcp", "auto", "--ready-exec", "/bin/true"],
+        2,
+        "cannot be used with",
+    );
+    assert_refused(&["--ready-tcp", "maybe"], 2, "auto or none");
+    assert_refused(
+        &["--health-listen", "127.0.0.1:9000", "--app-port", "9000"],
+        2,
+        "--app-port 9000 is drainit's own probe port",
     );
     assert_refused(&["--ready-tcp", "a:0"], 2, "expected HOST:PORT");
     assert_refused(

@@ -259,6 +259,7 @@ fn environment_variables_configure_and_flags_win() {
         &["--drain-delay", "300ms"],
         &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
     );
+    drainit.wait_ready();
     let sigterm = drainit.signal_at(Signal::SIGTERM);
     let stop = drainit.app_line("demo-app: signal USR2");
     assert!(
@@ -378,4 +379,18 @@ fn traffic_that_never_goes_quiet_ends_the_drain_at_its_cap_and_the_log_says_why(
     done.store(true, Ordering::Relaxed);
     client.join().unwrap();
     assert_eq!(drainit.exit_code(SECS(5)), 0);
+}
+
+#[test]
+fn a_stopped_app_is_continued_with_its_stop_signal_and_exits_cleanly() {
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "0", "--grace-period", "5s"],
+        &["--exit-code", "7"],
+    );
+    let app = nix::unistd::Pid::from_raw(drainit.app_pid());
+    nix::sys::signal::kill(app, Signal::SIGSTOP).unwrap();
+    drainit.signal(Signal::SIGTERM);
+    drainit.app_line("demo-app: signal TERM");
+    // Left stopped, the app would only die at the budget kill, 4 s on, with 137.
+    assert_eq!(drainit.exit_code(SECS(3)), 7);
 }

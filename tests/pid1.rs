@@ -63,6 +63,7 @@ fn as_pid1_sigterm_drains_and_the_exit_code_comes_out() {
         ],
     );
     drainit.app_line("demo-app: listening on");
+    drainit.wait_ready();
     assert_eq!(drainit.get("/ready").0, 200);
     kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
     assert!(time_until(SECS(1), || drainit.get("/ready").0 == 503).is_some());
@@ -177,5 +178,124 @@ fn not_pid1_a_daemon_that_left_the_apps_group_dies_with_the_app() {
         time_until(SECS(2), || !is_running(daemon)).is_some(),
         "daemon {daemon} outlived drainit"
     );
+    drainit.log("the app left processes behind: killed them");
+}
+
+/// Signals that the app below ignores, so a storm of them changes nothing but drainit's load.
+const STORM: [Signal; 5] = [
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGWINCH,
+    Signal::SIGURG,
+];
+
+/// The children of `pid` that have exited and wait to be reaped.
+fn zombie_children(pid: Pid) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
+        .filter(|stat| {
+            let mut fields = stat.rsplit(") ").next().unwrap_or("").split_whitespace();
+            let (state, ppid) = (fields.next(), fields.next());
+            state == Some("Z") && ppid == Some(&pid.as_raw().to_string())
+        })
+        .count()
+}
+
+#[test]
+fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
+    // The app ignores its stop signal and leaves an orphan every 10 ms for PID 1 to reap.
+    let app = "trap '' TERM HUP USR1 USR2; echo trapped; \
+               while :; do (sleep 0.02 &); sleep 0.01; done";
+    let mut drainit = as_pid1(
+        &["--drain-delay", "0", "--grace-period", "3s"],
+        &["sh", "-c", app],
+    );
+    // A signal before the traps are set would end the app, and the test.
+    drainit.app_line("trapped");
+    let init = namespace_init(&drainit);
+    let app_pid = namespace_init_child(init);
+    // A log collector that stopped reading: the pipe fills, and every write to it would block.
+    drainit.logs.stop_reading();
+    // Spaced a little, or the kernel merges them: each is forwarded, with a log line.
+    for signal in STORM.iter().cycle().take(1500) {
+        kill(init, *signal).unwrap();
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        drainit.metric("drainit_log_lines_dropped_total") > 0.0,
+        "no log line was dropped: stderr was never stuck, the test proves nothing"
+    );
+    for _ in 0..3 {
+        let asked = std::time::Instant::now();
+        assert_eq!(drainit.get("/alive").0, 200);
+        assert!(
+            asked.elapsed() < SECS(1),
+            "/alive took {:?}",
+            asked.elapsed()
+        );
+        let zombies = zombie_children(init);
+        assert!(zombies < 25, "{zombies} zombies: PID 1 stopped reaping");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    kill(init, Signal::SIGTERM).unwrap();
+    // The budget kill comes at grace - 1 s = 2 s; the kubelet's own SIGKILL would come at 3 s.
+    let killed = time_until(SECS(4), || !is_running(app_pid)).expect("no budget kill");
+    assert!(
+        killed > Duration::from_millis(1800) && killed < SECS(3),
+        "budget kill {killed:?} after SIGTERM, due at 2s"
+    );
+    assert_eq!(drainit.exit_code(SECS(5)), 137);
+}
+
+/// The host pid of the app that `init` (a namespace's drainit) started.
+fn namespace_init_child(init: Pid) -> i32 {
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children")).unwrap();
+    children
+        .split_whitespace()
+        .next()
+        .expect("drainit has no child")
+        .parse()
+        .unwrap()
+}
+
+/// Live processes whose environment holds `mark`.
+fn marked_processes(mark: &str) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|var| var == mark.as_bytes()))
+        })
+        .filter(|pid| is_running(*pid))
+        .collect()
+}
+
+#[test]
+fn not_pid1_a_daemon_that_keeps_forking_cannot_outrun_the_cleanup() {
+    let mark = format!("DRAINIT_TEST_MARK=forker-{}", std::process::id());
+    let (name, value) = mark.split_once('=').unwrap();
+    let mut cmd = Command::new(drainit_bin());
+    cmd.env(name, value);
+    // Daemons that leave the app's group and fork without pause; each child leaves an orphan.
+    let script = "for i in 1 2 3 4; do setsid sh -c 'while :; do (sleep 10 &); done' & done
+                  sleep 0.5; exit 3";
+    let mut drainit = Drainit::start_with(cmd, &[], &["sh", "-c", script]);
+    assert_eq!(drainit.exit_code(SECS(10)), 3);
+    std::thread::sleep(Duration::from_millis(200));
+    let left = marked_processes(&mark);
+    for pid in &left {
+        let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    assert!(left.is_empty(), "{} processes outlived drainit", left.len());
     drainit.log("the app left processes behind: killed them");
 }

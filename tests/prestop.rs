@@ -225,3 +225,41 @@ fn a_malformed_control_request_is_refused_and_starts_no_drain() {
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
+
+#[test]
+fn prestop_from_another_user_is_refused_and_starts_no_drain() {
+    let mut drainit = Drainit::demo(&["--drain-delay", "1s"], &[]);
+    for _ in 0..3 {
+        let (output, took) = run(as_nobody(prestop(&drainit.control, &[])));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(77), "{stderr}");
+        assert!(stderr.contains("uid 65534"), "{stderr}");
+        assert!(took < SECS(2), "refused after {took:?}");
+    }
+    assert!(
+        drainit
+            .logs
+            .wait_for(Duration::from_millis(300), |l| l.contains("drain started"))
+            .is_none(),
+        "a stranger started the drain"
+    );
+    let refused = drainit.log("drain request refused");
+    assert!(refused["message"].as_str().unwrap().contains("uid 65534"));
+    assert_eq!(
+        drainit.logs.count(|l| l.contains("drain request refused")),
+        1,
+        "repeated refusals are logged once per interval"
+    );
+    // drainit's own user still may.
+    let (output, _) = run(prestop(&drainit.control, &[]));
+    assert!(output.status.success());
+    drainit.log("drain started");
+}
+
+/// `cmd` run as uid and gid 65534 (nobody), another user than drainit's.
+fn as_nobody(mut cmd: Command) -> Command {
+    use std::os::unix::process::CommandExt;
+
+    cmd.uid(65534).gid(65534);
+    cmd
+}

@@ -120,7 +120,10 @@ fn probes_answer_fast() {
 
 #[test]
 fn all_interfaces_means_ipv4_and_ipv6() {
-    let drainit = Drainit::start(&["--health-listen", ":0"], &["sleep", "30"]);
+    let drainit = Drainit::start(
+        &["--health-listen", ":0", "--ready-tcp", "none"],
+        &["sleep", "30"],
+    );
     assert!(drainit.health.ip().is_unspecified() && drainit.health.is_ipv6());
     let port = drainit.health.port();
     let mut loopbacks = vec![IpAddr::from([127, 0, 0, 1])];

@@ -243,7 +243,14 @@ fn min_ready_waits_for_the_check_to_pass_that_long() {
 #[test]
 fn the_start_up_gate_holds_the_kubelet_until_the_load_balancer_saw_the_pod_healthy() {
     let drainit = Drainit::start(
-        &["--ready-after-lb-probes", "3", "--ready-lb-timeout", "30s"],
+        &[
+            "--ready-after-lb-probes",
+            "3",
+            "--ready-lb-timeout",
+            "30s",
+            "--ready-tcp",
+            "none",
+        ],
         &["sleep", "30"],
     );
     let kubelet = |d: &Drainit| {
@@ -267,7 +274,14 @@ fn the_start_up_gate_holds_the_kubelet_until_the_load_balancer_saw_the_pod_healt
 #[test]
 fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
     let mut drainit = Drainit::start(
-        &["--ready-after-lb-probes", "2", "--ready-lb-timeout", "1s"],
+        &[
+            "--ready-after-lb-probes",
+            "2",
+            "--ready-lb-timeout",
+            "1s",
+            "--ready-tcp",
+            "none",
+        ],
         &["sleep", "30"],
     );
     let kubelet = |d: &Drainit| {
@@ -358,4 +372,168 @@ fn an_app_check_still_running_when_the_app_exits_is_not_called_a_leftover() {
         "{}",
         drainit.logs.text()
     );
+}
+
+/// The demo app listening on `listen`, plus `more` options.
+fn slow_demo<'a>(app: &'a str, listen: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut command = vec![app, "--listen", listen];
+    command.extend_from_slice(more);
+    command
+}
+
+#[test]
+fn with_no_option_the_app_is_ready_only_once_it_listens() {
+    let app = common::demo_app_bin();
+    let app = app.to_str().unwrap();
+    let mut drainit = Drainit::start(
+        &[],
+        &slow_demo(app, "127.0.0.1:0", &["--listen-after", "1500"]),
+    );
+    let waiting = drainit.log("app not ready yet");
+    let detail = waiting["detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains("no TCP port yet") && detail.contains("--ready-tcp none"),
+        "{waiting}"
+    );
+    let status = drainit.status();
+    assert_eq!(status["app_check"]["kind"], "listen", "{status}");
+    assert_eq!(ready(&drainit), 503, "ready before the app listens");
+
+    let listening = drainit.app_line("demo-app: listening on");
+    let ready_after = time_until(SECS(5), || ready(&drainit) == 200);
+    assert!(
+        ready_after.is_some(),
+        "not ready 5 s after the app listened; logs:\n{}",
+        drainit.logs.text()
+    );
+    let passes = drainit.log("app check passes");
+    let port = listening.text.rsplit(':').next().unwrap().to_owned();
+    assert_eq!(
+        passes["detail"].as_str(),
+        Some(format!("listening on {port}").as_str()),
+        "{passes}"
+    );
+    let (_, metrics) = drainit.get("/metrics");
+    for series in [
+        r#"drainit_app_checks_total{kind="listen",result="fail"}"#,
+        r#"drainit_app_checks_total{kind="listen",result="pass"}"#,
+    ] {
+        assert!(metrics.contains(series), "no {series} in:\n{metrics}");
+    }
+    drainit.signal(Signal::SIGINT);
+    drainit.wait(SECS(5));
+}
+
+#[test]
+fn an_app_that_closes_its_listener_is_no_longer_ready() {
+    let app = common::demo_app_bin();
+    let app = app.to_str().unwrap();
+    let mut drainit = Drainit::start(
+        &["--ready-interval", "200ms"],
+        &slow_demo(app, "127.0.0.1:0", &["--close-listener-after", "1500"]),
+    );
+    assert!(
+        time_until(SECS(5), || ready(&drainit) == 200).is_some(),
+        "never ready; logs:\n{}",
+        drainit.logs.text()
+    );
+    drainit.app_line("demo-app: closed the listener");
+    let unready_after = time_until(SECS(5), || ready(&drainit) == 503);
+    assert!(
+        unready_after.is_some_and(|t| t < SECS(2)),
+        "/ready {unready_after:?} after the app closed its listener (check interval 200 ms)"
+    );
+    let fails = drainit.log("app check fails");
+    assert!(
+        fails["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("stopped listening on port")),
+        "{fails}"
+    );
+    drainit.signal(Signal::SIGINT);
+    drainit.wait(SECS(5));
+}
+
+#[test]
+fn a_worker_is_ready_with_ready_tcp_none_and_without_it_says_why_it_is_not() {
+    let worker = Drainit::start(&["--ready-tcp", "none"], &["sleep", "30"]);
+    assert_eq!(ready(&worker), 200, "--ready-tcp none: ready once started");
+
+    let mut stalled = Drainit::start(&[], &["sleep", "30"]);
+    assert_eq!(ready(&stalled), 503);
+    // The reminder comes every 10 s while the pod waits.
+    let reminder = stalled.logs.wait_for(SECS(20), |l| {
+        l.contains("app not ready: /ready answers 503 until the app check passes")
+    });
+    let reminder = reminder.unwrap_or_else(|| {
+        panic!(
+            "no reminder within 20 s; drainit logged:\n{}",
+            stalled.logs.text()
+        )
+    });
+    let log = common::json(&reminder.text);
+    assert_eq!(log["level"], "WARN", "{log}");
+    assert_eq!(log["check"], "the TCP ports the app's processes listen on");
+    assert!(
+        log["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("a worker that serves no TCP wants --ready-tcp none")),
+        "{log}"
+    );
+    assert_eq!(ready(&stalled), 503, "a misconfigured worker stays unready");
+}
+
+#[test]
+fn an_app_port_that_never_listens_keeps_the_pod_unready_and_names_what_does() {
+    let wrong = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let app = common::demo_app_bin();
+    let app = app.to_str().unwrap();
+    let mut drainit = Drainit::start(
+        &["--app-port", &wrong, "--ready-interval", "200ms"],
+        &slow_demo(app, "127.0.0.1:0", &[]),
+    );
+    let listening = drainit.app_line("demo-app: listening on");
+    let port = listening.text.rsplit(':').next().unwrap().to_owned();
+    let waiting = drainit.log("app not ready yet");
+    let detail = waiting["detail"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        detail.starts_with(&format!("nothing listens on --app-port {wrong} yet")),
+        "{detail}"
+    );
+    thread::sleep(MS(600));
+    assert_eq!(ready(&drainit), 503);
+    let status = drainit.status();
+    let last = status["app_check"]["last"]["detail"].as_str().unwrap_or("");
+    assert!(
+        last.contains("listening in the pod") && (last.contains(&port) || last.contains("more")),
+        "{status}"
+    );
+}
+
+#[test]
+fn an_app_reachable_only_on_loopback_is_not_ready_in_a_pod() {
+    let app = common::demo_app_bin();
+    let app = app.to_str().unwrap();
+    // Probes on every interface, as in a pod; the app on loopback only.
+    let all_interfaces = ["--health-listen", "0.0.0.0:0"];
+    let mut unreachable = Drainit::start(&all_interfaces, &slow_demo(app, "127.0.0.1:0", &[]));
+    unreachable.app_line("demo-app: listening on");
+    thread::sleep(MS(600));
+    assert_eq!(ready(&unreachable), 503);
+    let status = unreachable.status();
+    assert!(
+        status["app_check"]["last"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("listens only on loopback")),
+        "{status}"
+    );
+
+    let mut reachable = Drainit::start(&all_interfaces, &slow_demo(app, "0.0.0.0:0", &[]));
+    reachable.wait_ready();
+    assert_eq!(ready(&reachable), 200);
 }

@@ -39,7 +39,7 @@ use nix::unistd::Pid;
 use serde_json::Value;
 
 use lb::{
-    Arrivals, Backend, Clock, Haproxy, HealthCheck, Load, LoadReport, Proc, SLOW, Tuning,
+    Arrivals, Backend, Clock, Haproxy, HealthCheck, Load, LoadReport, Proc, Retries, SLOW, Tuning,
     children_of, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_exchange, opt_ms,
     unique_control,
 };
@@ -215,7 +215,7 @@ fn rolling_restart(gate: Gate) -> Outcome {
         .collect();
     let tuning = Tuning {
         check_timing: HEALTH_CHECKS.to_owned(),
-        redispatch: true,
+        retries: Retries::Redispatch,
     };
     let haproxy = Haproxy::start_tuned(
         HealthCheck::DrainitReady,
@@ -617,19 +617,13 @@ impl Replica {
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.proc.try_exit() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
+        self.proc.wait_exit(timeout).unwrap_or_else(|| {
+            panic!(
                 "{} did not exit within {timeout:?} of its SIGKILL:\n{}",
                 self.proc.name,
                 self.proc.output()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+            )
+        })
     }
 }
 

@@ -34,8 +34,9 @@ use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 
 use lb::{
-    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc, SLOW,
-    demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_get, opt_ms, unique_control,
+    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc,
+    Replica, SLOW, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_get, opt_ms,
+    outputs_but, unique_control,
 };
 
 /// Every replica listens on the same ports, each in its own namespace.
@@ -224,18 +225,8 @@ enum Removal {
     RuntimeApi(Duration),
 }
 
-/// One replica slot: a network namespace and what runs in it.
-struct Replica {
-    // Declared first: the processes inside go before their namespace.
-    proc: Proc,
-    server: String,
-    netns: Netns,
-}
-
-impl Replica {
-    fn health(&self) -> SocketAddr {
-        SocketAddr::from((self.netns.ip, HEALTH_PORT))
-    }
+fn health(replica: &Replica) -> SocketAddr {
+    SocketAddr::from((replica.netns.ip, HEALTH_PORT))
 }
 
 /// The "drain over" line of one drainit.
@@ -285,24 +276,12 @@ impl Scenario {
         let label = self.label.to_owned();
         let mut replicas: Vec<Replica> = ["r1", "r2"]
             .into_iter()
-            .map(|server| {
-                let netns = Netns::create();
-                let proc = self.start_replica(server, &netns, &clock);
-                Replica {
-                    proc,
-                    server: server.to_owned(),
-                    netns,
-                }
-            })
+            .map(|server| Replica::start(server, |netns| self.start_replica(server, netns, &clock)))
             .collect();
         let [frontend] = free_ports();
         let backends: Vec<Backend> = replicas
             .iter()
-            .map(|r| Backend {
-                name: r.server.clone(),
-                app: SocketAddr::from((r.netns.ip, APP_PORT)),
-                health_port: HEALTH_PORT,
-            })
+            .map(|r| r.backend(APP_PORT, HEALTH_PORT))
             .collect();
         let haproxy = Haproxy::start(self.check, frontend, &backends, &clock);
         for r in &replicas {
@@ -468,7 +447,7 @@ impl Scenario {
         others: &str,
     ) -> Step {
         let server = replica.server.clone();
-        let traffic_before = http_get(replica.health(), "/status")
+        let traffic_before = http_get(health(replica), "/status")
             .ok()
             .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
             .map_or(Value::Null, |status| status["traffic"].clone());
@@ -764,19 +743,9 @@ fn drain_over(proc: &Proc) -> DrainOver {
 }
 
 fn outputs(replicas: &[Replica]) -> String {
-    replicas
-        .iter()
-        .map(|r| format!("{} output:\n{}", r.proc.name, r.proc.output()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    outputs_but(replicas, None)
 }
 
 fn replicas_outputs_but(replicas: &[Replica], skip: usize) -> String {
-    replicas
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != skip)
-        .map(|(_, r)| format!("{} output:\n{}", r.proc.name, r.proc.output()))
-        .collect::<Vec<_>>()
-        .join("\n")
+    outputs_but(replicas, Some(skip))
 }

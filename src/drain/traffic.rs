@@ -539,13 +539,9 @@ async fn discover_ports(
     own_port: u16,
 ) -> (Option<TcpSampler>, Vec<u16>) {
     off_thread(sampler, move |sampler| {
-        let listeners = sampler
-            .as_mut()
-            .and_then(|s| s.listeners().ok())
-            .unwrap_or_default();
-        let mut ports = tcp::listening_ports_of_tree(app, &listeners);
-        ports.retain(|p| *p != own_port);
-        ports
+        let mut listeners = tcp::listeners(sampler.as_mut());
+        listeners.retain(|listener| listener.port != own_port);
+        tcp::listening_ports_of_tree(app, &listeners)
     })
     .await
 }

@@ -4,7 +4,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -16,21 +15,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-pub fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-/// The example app, built by cargo next to drainit.
-pub fn demo_app_bin() -> PathBuf {
-    let dir = drainit_bin().parent().unwrap().to_path_buf();
-    let app = dir.join("examples/demo_app");
-    assert!(
-        app.exists(),
-        "{} is missing: cargo builds examples with the tests",
-        app.display()
-    );
-    app
-}
+#[path = "../binaries/mod.rs"]
+pub mod binaries;
+pub use binaries::{demo_app_bin, drainit_bin};
 
 /// A control socket name no other test uses.
 pub fn unique_control() -> String {
@@ -49,18 +36,22 @@ pub struct Line {
     pub text: String,
 }
 
-/// Reads a stream line by line on a thread, timestamping each line.
-fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
+/// Reads a stream line by line on a thread, timestamping each line, except while `reading` is
+/// off: then the stream is left unread, as by a stuck log collector.
+fn collect_lines(stream: impl Read + Send + 'static, reading: Arc<AtomicBool>) -> Receiver<Line> {
     let (tx, rx) = channel();
     thread::spawn(move || {
-        for text in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx
-                .send(Line {
-                    at: Instant::now(),
-                    text,
-                })
-                .is_err()
-            {
+        let mut lines = BufReader::new(stream).lines();
+        loop {
+            while !reading.load(Ordering::Relaxed) {
+                thread::sleep(Duration::from_millis(5));
+            }
+            let Some(Ok(text)) = lines.next() else { break };
+            let line = Line {
+                at: Instant::now(),
+                text,
+            };
+            if tx.send(line).is_err() {
                 break;
             }
         }
@@ -71,15 +62,28 @@ fn collect_lines(stream: impl Read + Send + 'static) -> Receiver<Line> {
 /// Lines seen so far plus the ones still to come.
 pub struct LineLog {
     rx: Receiver<Line>,
+    reading: Arc<AtomicBool>,
     pub seen: Vec<Line>,
 }
 
 impl LineLog {
-    fn new(rx: Receiver<Line>) -> Self {
+    fn new(stream: impl Read + Send + 'static) -> Self {
+        let reading = Arc::new(AtomicBool::new(true));
         Self {
-            rx,
+            rx: collect_lines(stream, reading.clone()),
+            reading,
             seen: Vec::new(),
         }
+    }
+
+    /// Stops reading the stream (the lines in the test's read buffer still arrive): the writer
+    /// blocks once the pipe is full.
+    pub fn stop_reading(&self) {
+        self.reading.store(false, Ordering::Relaxed);
+    }
+
+    pub fn resume_reading(&self) {
+        self.reading.store(true, Ordering::Relaxed);
     }
 
     /// The first line (seen or to come within `timeout`) that matches.
@@ -154,6 +158,13 @@ impl Drainit {
         command.extend_from_slice(app_options);
         let mut drainit = Self::start(options, &command);
         drainit.app_line("demo-app: listening on");
+        // Ready by drainit's default check, unless the test manages readiness itself.
+        let own_readiness = options
+            .iter()
+            .any(|o| o.starts_with("--ready-") || *o == "--min-ready");
+        if !own_readiness {
+            drainit.wait_ready();
+        }
         drainit
     }
 
@@ -180,8 +191,8 @@ impl Drainit {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn drainit");
-        let mut logs = LineLog::new(collect_lines(child.stderr.take().unwrap()));
-        let app = LineLog::new(collect_lines(child.stdout.take().unwrap()));
+        let mut logs = LineLog::new(child.stderr.take().unwrap());
+        let app = LineLog::new(child.stdout.take().unwrap());
         let listening = logs
             .wait_for(START_TIMEOUT, |l| l.contains("probe server listening"))
             .unwrap_or_else(|| panic!("drainit did not start; logs:\n{}", logs.text()));
@@ -224,6 +235,34 @@ impl Drainit {
 
     pub fn get(&self, path: &str) -> (u16, String) {
         http_get(self.health, path)
+    }
+
+    /// `/status`, parsed.
+    pub fn status(&self) -> Value {
+        let (code, response) = self.get("/status");
+        assert_eq!(code, 200, "{response}");
+        let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+    }
+
+    /// Waits until the app is ready (the lifecycle says so), for tests that need it ready.
+    pub fn wait_ready(&mut self) {
+        let ready = |l: &str| {
+            serde_json::from_str::<Value>(l)
+                .is_ok_and(|v| v["message"] == "lifecycle transition" && v["to"] == "ready")
+        };
+        if self.logs.wait_for(START_TIMEOUT, ready).is_none() {
+            panic!(
+                "the app never became ready; drainit logged:\n{}",
+                self.logs.text()
+            );
+        }
+    }
+
+    /// The value of one series of `/metrics`, e.g. `drainit_budget_kills_total`.
+    pub fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.get("/metrics");
+        metric_value(&text, series).unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
     }
 
     /// The first app stdout line starting with `prefix`; panics after a generous timeout.
@@ -316,6 +355,13 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
         }
         thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// The value of the one series of `metrics` whose line starts with `series` followed by a space.
+pub fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 pub fn json(line: &str) -> Value {

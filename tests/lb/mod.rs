@@ -26,25 +26,9 @@ pub const SLOW: Duration = Duration::from_millis(900);
 // ---------------------------------------------------------------------------------------------
 // Binaries
 
-pub fn drainit_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_drainit"))
-}
-
-pub fn demo_app_bin() -> PathBuf {
-    let path = drainit_bin()
-        .parent()
-        .expect("drainit binary has a parent directory")
-        .join("examples")
-        .join("demo_app");
-    assert!(
-        path.is_file(),
-        "demo_app example not found at {}: a plain `cargo test` builds examples, but `cargo test \
-         --test <name>` does not; build it first with `cargo build --example demo_app` (with \
-         --release for a release run)",
-        path.display()
-    );
-    path
-}
+#[path = "../binaries/mod.rs"]
+mod binaries;
+pub use binaries::{demo_app_bin, drainit_bin};
 
 /// Fails (rather than skips) when HAProxy is missing: a test that skipped itself would be a test
 /// that cannot fail.
@@ -112,6 +96,20 @@ impl Proc {
 
     pub fn pid(&self) -> Pid {
         Pid::from_raw(self.child.id() as i32)
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_exit() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
     }
 
     pub fn try_exit(&mut self) -> Option<ExitStatus> {
@@ -338,10 +336,20 @@ impl Counters {
 pub struct Tuning {
     /// The check parameters of every `server` line, after `check` (and its port).
     pub check_timing: String,
-    /// Retry a failed request on another server (`option redispatch 1`), a refused connection
-    /// and a connection closed before any response alike; otherwise HAProxy's default: retry a
-    /// refused connection on the same server.
-    pub redispatch: bool,
+    pub retries: Retries,
+}
+
+/// What HAProxy does with a request whose connection to the server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// HAProxy's default: retry a refused connection on the same server, up to 3 times.
+    SameServer,
+    /// Retry on another server (`option redispatch 1`), a refused connection and a connection
+    /// closed before any response alike.
+    Redispatch,
+    /// No retry (`retries 0`): the client gets the error, as behind kube-proxy (a refused
+    /// connection is the client's) or an AWS ALB (502).
+    Never,
 }
 
 impl Default for Tuning {
@@ -349,7 +357,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Tuning {
             check_timing: "inter 500ms fall 2 rise 2".to_owned(),
-            redispatch: false,
+            retries: Retries::SameServer,
         }
     }
 }
@@ -366,6 +374,11 @@ const REDISPATCH: &str = "    # A refused connection, or one closed before any r
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response
+";
+
+const NO_RETRIES: &str =
+    "    # A failed connection is the client's error, as behind kube-proxy or an AWS ALB.
+    retries 0
 ";
 
 /// With retries on another server, a request that succeeded after one would be logged (and
@@ -437,11 +450,15 @@ backend be
     balance roundrobin
 {quiet}{option}{servers}",
             socket = socket.display(),
-            quiet = if tuning.redispatch { QUIET_RETRIES } else { "" },
-            retries = if tuning.redispatch {
-                REDISPATCH
+            quiet = if tuning.retries == Retries::Redispatch {
+                QUIET_RETRIES
             } else {
-                NO_REDISPATCH
+                ""
+            },
+            retries = match tuning.retries {
+                Retries::SameServer => NO_REDISPATCH,
+                Retries::Redispatch => REDISPATCH,
+                Retries::Never => NO_RETRIES,
             },
         );
         let config_path = dir.path().join("haproxy.cfg");
@@ -937,6 +954,48 @@ impl Drop for Netns {
         let _ = ip_quiet(&["netns", "del", &self.name]);
         let _ = ip_quiet(&["link", "del", &self.host_if]);
     }
+}
+
+/// One replica slot: a network namespace of its own, as a pod has, and what runs in it. A
+/// replacement starts in the same namespace, at the same address (HAProxy's configuration is
+/// static).
+pub struct Replica {
+    // Declared first: the processes inside go before their namespace.
+    pub proc: Proc,
+    pub server: String,
+    pub netns: Netns,
+}
+
+impl Replica {
+    /// `start` runs the replica's processes in a new namespace.
+    pub fn start(server: &str, start: impl FnOnce(&Netns) -> Proc) -> Self {
+        let netns = Netns::create();
+        Replica {
+            proc: start(&netns),
+            server: server.to_owned(),
+            netns,
+        }
+    }
+
+    /// Its HAProxy `server` line: the app's port, checks on `health_port`.
+    pub fn backend(&self, app_port: u16, health_port: u16) -> Backend {
+        Backend {
+            name: self.server.clone(),
+            app: SocketAddr::from((self.netns.ip, app_port)),
+            health_port,
+        }
+    }
+}
+
+/// The output of every replica but the `skip`th, for failure messages.
+pub fn outputs_but(replicas: &[Replica], skip: Option<usize>) -> String {
+    replicas
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != skip)
+        .map(|(_, r)| format!("{} output:\n{}", r.proc.name, r.proc.output()))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs `ip` and panics with its output if it fails.
