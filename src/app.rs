@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::exit::{self, StartupError};
 use crate::process_tree;
-use crate::rate_limit::RateLimit;
+use crate::throttle::Throttle;
 
 /// How long drainit keeps killing what the app left behind before it gives up and exits.
 pub const LEFTOVERS_LIMIT: Duration = Duration::from_secs(2);
@@ -158,7 +158,7 @@ impl App {
 /// Failures to signal the app, logged at most once per 10 s: refused once (EPERM, the app
 /// changed its uid), a signal is refused every time after, and a storm of them would flood the
 /// log.
-static SIGNAL_FAILURES: Mutex<RateLimit> = Mutex::new(RateLimit::new(Duration::from_secs(10)));
+static SIGNAL_FAILURES: Mutex<Throttle> = Mutex::new(Throttle::new(Duration::from_secs(10)));
 
 fn send(target: Pid, signal: i32) {
     // SAFETY: kill(2) takes plain integers; no memory is shared with the callee.
@@ -168,7 +168,7 @@ fn send(target: Pid, signal: i32) {
         // Already gone: its exit status is on its way to the reaper.
         Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
         Err(e) => {
-            if let Some(held_back) = crate::sync::lock(&SIGNAL_FAILURES).allow() {
+            if let Some(held_back) = crate::sync::lock(&SIGNAL_FAILURES).occurred(Instant::now()) {
                 let target = target.as_raw();
                 warn!(target, signal, error = %e, held_back, "could not signal the app");
             }

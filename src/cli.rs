@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::cidr::Cidr;
 use crate::control::ControlAddr;
 use crate::drain::Watcher;
 use crate::drain::traffic::QuietPeriod;
@@ -113,6 +114,17 @@ pub struct RunArgs {
     #[arg(long, env = "DRAINIT_LB_UNHEALTHY_THRESHOLD", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub lb_unhealthy_threshold: Option<u32>,
+
+    /// Only clients from these address ranges can count as load balancers (for --drain-watch
+    /// lb-probes and --ready-after-lb-probes), e.g. the load balancers' subnets 10.0.0.0/16
+    /// [default: any address].
+    #[arg(
+        long,
+        env = "DRAINIT_LB_SOURCE",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    pub lb_source: Vec<Cidr>,
 
     /// Ready only while GET on this URL answers 2xx (plain http://, e.g. http://127.0.0.1:8080/healthz).
     #[arg(

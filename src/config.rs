@@ -8,6 +8,7 @@ use tracing::warn;
 
 use crate::app::AppCommand;
 use crate::budget::Budget;
+use crate::cidr::Cidr;
 use crate::cli::{RunArgs, env_variable, format_duration};
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
@@ -36,6 +37,8 @@ pub struct RunConfig {
     pub app_ports: Vec<u16>,
     pub readiness: ReadinessConfig,
     pub startup_gate: Option<StartupGate>,
+    /// Where load balancers check from (`--lb-source`); empty: anywhere.
+    pub lb_sources: Vec<Cidr>,
 }
 
 impl RunConfig {
@@ -49,6 +52,7 @@ impl RunConfig {
         let app_ports = app_ports(&args)?;
         let readiness = readiness(&args)?;
         let startup_gate = startup_gate(&args)?;
+        let lb_sources = lb_sources(&args, &drain, startup_gate.is_some())?;
         Ok(Self {
             command: AppCommand::from_argv(args.command)?,
             health_listen: args.health_listen,
@@ -58,6 +62,7 @@ impl RunConfig {
             forward_to_group: args.group,
             readiness,
             startup_gate,
+            lb_sources,
             app_ports,
         })
     }
@@ -114,6 +119,21 @@ fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
         interval,
         timeout,
         min_ready,
+    })
+}
+
+/// `--lb-source` only matters where load balancers are told apart from other clients.
+fn lb_sources(args: &RunArgs, drain: &DrainPolicy, gate: bool) -> Result<Vec<Cidr>, StartupError> {
+    let applies = drain.watches(Watcher::LbProbes) || gate;
+    refuse_stray(
+        args,
+        &[("--lb-source", !args.lb_source.is_empty() && !applies)],
+        "--drain-watch lb-probes and --ready-after-lb-probes",
+    )?;
+    Ok(if applies {
+        args.lb_source.clone()
+    } else {
+        Vec::new()
     })
 }
 

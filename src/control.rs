@@ -14,7 +14,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{SocketAddr, UnixListener as StdUnixListener};
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use nix::unistd::Uid;
@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
-use crate::rate_limit::RateLimit;
+use crate::throttle::Throttle;
 
 /// The request line of `drainit prestop`.
 pub const DRAIN_REQUEST: &str = "drain";
@@ -159,8 +159,8 @@ fn is_socket(path: &std::path::Path) -> bool {
 /// over. Runs until the process exits.
 pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch::Receiver<State>) {
     let drainit_uid = Uid::effective();
-    let mut refusals = RateLimit::new(WARN_INTERVAL);
-    let mut accept_failures = RateLimit::new(WARN_INTERVAL);
+    let mut refusals = Throttle::new(WARN_INTERVAL);
+    let mut accept_failures = Throttle::new(WARN_INTERVAL);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => match caller_may_drain(&stream, drainit_uid) {
@@ -168,7 +168,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
                     tokio::spawn(answer(stream, drain.clone(), state.clone()));
                 }
                 Err(refusal) => {
-                    if let Some(held_back) = refusals.allow() {
+                    if let Some(held_back) = refusals.occurred(Instant::now()) {
                         warn!(held_back, "drain request refused: {refusal}");
                     }
                     tokio::spawn(refuse(stream, refusal));
@@ -176,7 +176,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
             },
             Err(e) => {
                 // Out of file descriptors, say: it fails again at once, and would flood the log.
-                if let Some(held_back) = accept_failures.allow() {
+                if let Some(held_back) = accept_failures.occurred(Instant::now()) {
                     warn!(error = %e, held_back, "control socket accept failed");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

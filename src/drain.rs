@@ -369,9 +369,10 @@ mod tests {
             agent: "HAProxy".into(),
         };
         let started = Instant::now();
-        observers
-            .checkers()
-            .record(lb.clone(), started, true, false);
+        for before in [2000, 1000, 0] {
+            let at = started - Duration::from_millis(before);
+            observers.checkers().record(lb.clone(), at, true, false);
+        }
         let end = watched(&[Watcher::LbProbes], 100, 500)
             .run(started, observers)
             .await;

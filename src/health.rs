@@ -7,6 +7,7 @@
 
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -20,9 +21,11 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
+use crate::cidr::Cidr;
 use crate::drain::lb_probes::{self, CheckerId, Checkers};
 use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
@@ -30,11 +33,19 @@ use crate::lifecycle::{Phase, State};
 use crate::metrics::{self, Metrics};
 use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
 use crate::status;
+use crate::throttle::Throttle;
 
-/// Probes send a few header lines; anything slower is not a probe.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Far above what the kubelet and a few load balancers need, far below the fd limit.
-const MAX_CONNECTIONS: usize = 512;
+use self::connections::{Registry, SharedRegistry};
+
+pub mod connections;
+
+/// The most a request's start line and headers may take: a probe needs a few hundred bytes.
+/// Larger requests get 431 and the connection is closed.
+pub const MAX_HEADER_BYTES: usize = 4096;
+/// hyper's smallest read buffer: a connection never holds more than this of a request.
+const MAX_BUFFER_BYTES: usize = 8192;
+/// One warning line per this long when accepting fails again and again (EMFILE).
+const ACCEPT_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Binds the probe port before the app starts, so a taken port fails start-up cleanly. Once the
 /// app runs, `announce` logs where probes go.
@@ -44,16 +55,29 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener, StartupError> {
             "cannot listen for probes on {addr}: {e} (pick a free port with --health-listen and point the probes at it)"
         ))
     };
-    let listener = match std::net::TcpListener::bind(addr) {
+    match listen(addr) {
         // "All interfaces" is [::], which takes IPv4 too; a pod without IPv6 gets 0.0.0.0.
         Err(e) if addr == SocketAddr::from((Ipv6Addr::UNSPECIFIED, addr.port())) && no_ipv6(&e) => {
-            std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, addr.port()))
+            listen(SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port())))
         }
         bound => bound,
     }
-    .map_err(fail)?;
-    listener.set_nonblocking(true).map_err(fail)?;
-    TcpListener::from_std(listener).map_err(fail)
+    .map_err(fail)
+}
+
+/// A listening socket with a long accept queue (std's is 128): a burst of connections from
+/// others must not make the kernel drop the kubelet's. The kernel caps it at
+/// net.core.somaxconn (4096 by default since Linux 5.4).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    const BACKLOG: u32 = 4096;
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 fn no_ipv6(error: &std::io::Error) -> bool {
@@ -82,9 +106,22 @@ pub struct Context {
     /// balancers' checks.
     pub gate_opened: AtomicBool,
     pub metrics: Arc<Metrics>,
+    /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
+    pub lb_sources: Vec<Cidr>,
 }
 
 impl Context {
+    /// Whether `checker` goes in the checker table: the kubelet always (it is tracked apart);
+    /// others only from `--lb-source` ranges, when given.
+    fn may_record(&self, checker: &CheckerId) -> bool {
+        checker.is_kubelet()
+            || self.lb_sources.is_empty()
+            || self
+                .lb_sources
+                .iter()
+                .any(|range| range.contains(checker.addr))
+    }
+
     /// Whether the start-up gate still holds the kubelet back from a ready app.
     fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
         let Some(gate) = self.startup_gate else {
@@ -118,45 +155,163 @@ pub async fn serve(
     observers: Observers,
     context: Context,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let context = Arc::new(context);
+    let registry: SharedRegistry = Arc::new(std::sync::Mutex::new(Registry::new(
+        connections::capacity(),
+        connections::MAX_PER_ADDRESS,
+        connections::MAX_SERVING,
+    )));
+    tokio::spawn(cut_late_connections(registry.clone()));
+    let server = Arc::new(Server {
+        state,
+        observers,
+        context,
+        registry,
+    });
+    let mut accept_failures = Throttle::new(ACCEPT_WARNING_EVERY);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
-                warn!(error = %e, "probe server accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_failed(&e, &mut accept_failures, &server.registry).await;
                 continue;
             }
         };
-        observers.own_accepts.fetch_add(1, Ordering::Relaxed);
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%peer, "too many probe connections, closing this one");
-            continue;
-        };
+        server.observers.own_accepts.fetch_add(1, Ordering::Relaxed);
+        // On the dual-stack listener an IPv4 client shows as ::ffff:a.b.c.d.
+        let peer = peer.ip().to_canonical();
+        let admitted = connections::lock(&server.registry).admit(peer, Instant::now());
         let _ = stream.set_nodelay(true);
-        let (state, observers, context) = (state.clone(), observers.clone(), context.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                // Copied out first: the watch channel's read lock is not held while answering.
-                let current = *state.borrow();
-                // On the dual-stack listener an IPv4 checker shows as ::ffff:a.b.c.d.
-                let checker = peer.ip().to_canonical();
-                let response = handle(&request, checker, current, &observers, &context);
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let served = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                debug!(%peer, error = %e, "probe connection ended with an error");
-            }
-            drop(slot);
-        });
+        let connection = Connection {
+            stream,
+            peer,
+            id: admitted.id,
+            server: server.clone(),
+        };
+        tokio::spawn(connection.serve(admitted.cut));
     }
+}
+
+/// EMFILE and friends: says so once in a while, lets a held connection make way when out of
+/// descriptors, and backs off instead of spinning.
+async fn accept_failed(error: &std::io::Error, warnings: &mut Throttle, registry: &SharedRegistry) {
+    if let Some(left_out) = warnings.occurred(Instant::now()) {
+        warn!(error = %error, repeated = left_out, "probe server accept failed");
+    }
+    if matches!(
+        error.raw_os_error(),
+        Some(nix::libc::EMFILE | nix::libc::ENFILE)
+    ) {
+        connections::lock(registry).make_room();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// What every connection shares: one pointer per connection, so that an idle one stays small.
+struct Server {
+    state: watch::Receiver<State>,
+    observers: Observers,
+    context: Context,
+    registry: SharedRegistry,
+}
+
+/// Cuts connections that do not start serving in time, for as long as the server runs.
+async fn cut_late_connections(registry: SharedRegistry) {
+    let mut sweep = tokio::time::interval(connections::SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        sweep.tick().await;
+        connections::lock(&registry).cut_late(Instant::now());
+    }
+}
+
+/// One accepted probe connection and its place among the others.
+struct Connection {
+    stream: TcpStream,
+    peer: IpAddr,
+    id: u64,
+    server: Arc<Server>,
+}
+
+impl Connection {
+    /// Serves requests until the client closes, its headers time out, or it is `cut` to make
+    /// room.
+    async fn serve(self, cut: Arc<Notify>) {
+        let (id, peer, server) = (self.id, self.peer, self.server.clone());
+        tokio::select! {
+            () = self.serve_once_it_speaks() => {}
+            () = cut.notified() => debug!(%peer, "probe connection cut to make room for another"),
+        }
+        if connections::lock(&server.registry).close(id) {
+            connections::give_back_memory();
+        }
+    }
+
+    /// Until the client sends something it costs a socket and a small task: hyper's buffers
+    /// (in the boxed rest) come with its first byte. Its time to speak is kept by the registry.
+    async fn serve_once_it_speaks(self) {
+        // A byte, not readiness: readiness can be reported before there is anything.
+        if matches!(self.stream.peek(&mut [0u8; 1]).await, Ok(1)) {
+            Box::pin(self.serve_requests()).await;
+        }
+    }
+
+    async fn serve_requests(self) {
+        let timeout = self.room_to_serve().await;
+        let (id, peer, server) = (self.id, self.peer, self.server.clone());
+        let service = service_fn(move |request| {
+            connections::lock(&server.registry).touch(id, Instant::now());
+            // Copied out first: the watch channel's read lock is not held while answering.
+            let current = *server.state.borrow();
+            let response = handle(&request, peer, current, &server.observers, &server.context);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let served = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(timeout)
+            .max_header_size(MAX_HEADER_BYTES)
+            .max_buf_size(MAX_BUFFER_BYTES)
+            .serve_connection(TokioIo::new(self.stream), service)
+            .await;
+        if let Err(e) = served {
+            debug!(%peer, error = %e, "probe connection ended with an error");
+        }
+    }
+
+    /// A place among the serving connections (see [`Registry::start_serving`]) and the header
+    /// timeout that comes with it; a slow client waits for one, without buffers, until the
+    /// registry cuts it.
+    async fn room_to_serve(&self) -> Duration {
+        loop {
+            let complete = request_head_is_complete(&self.stream);
+            let room = {
+                let mut connections = connections::lock(&self.server.registry);
+                let serving = connections.start_serving(self.id, Instant::now(), complete);
+                serving.ok_or_else(|| connections.slot_freed())
+            };
+            match room {
+                Ok(timeout) => return timeout,
+                Err(slot_freed) => slot_freed.notified().await,
+            }
+        }
+    }
+}
+
+/// Whether what the client has sent so far holds a whole request head: a probe sends its
+/// request in one go, a slow client (slowloris, endless headers) does not. Peeked, so hyper
+/// still reads it all.
+fn request_head_is_complete(stream: &TcpStream) -> bool {
+    let mut head = [0u8; MAX_HEADER_BYTES];
+    // SAFETY: recv writes at most head.len() bytes into `head`, which we own; MSG_PEEK leaves
+    // them in the socket and MSG_DONTWAIT never blocks the thread.
+    let peeked = unsafe {
+        nix::libc::recv(
+            stream.as_raw_fd(),
+            head.as_mut_ptr().cast(),
+            head.len(),
+            nix::libc::MSG_PEEK | nix::libc::MSG_DONTWAIT,
+        )
+    };
+    usize::try_from(peeked).is_ok_and(|n| head[..n].windows(4).any(|w| w == b"\r\n\r\n"))
 }
 
 /// Answers one request and, for `/ready`, records who checked and what they were told: that is
@@ -230,10 +385,7 @@ fn probe(
     observers: &Observers,
     context: &Context,
 ) -> Response<Full<Bytes>> {
-    let checker = CheckerId {
-        addr: peer,
-        agent: asked.agent.to_owned(),
-    };
+    let checker = CheckerId::new(peer, asked.agent);
     let now = Instant::now();
     let held = asked.path == "/ready"
         && checker.is_kubelet()
@@ -247,7 +399,7 @@ fn probe(
     } else {
         respond(request, state.phase)
     };
-    if asked.path == "/ready" && asked.reads {
+    if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()

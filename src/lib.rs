@@ -8,6 +8,7 @@
 
 pub mod app;
 pub mod budget;
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -21,7 +22,6 @@ pub mod logging;
 pub mod metrics;
 pub mod prestop;
 pub mod process_tree;
-pub mod rate_limit;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;
@@ -29,7 +29,9 @@ pub mod status;
 pub mod supervisor;
 pub mod sync;
 pub mod tcp;
+pub mod throttle;
 
+use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -149,6 +151,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         startup_gate: config.startup_gate,
         gate_opened: AtomicBool::new(false),
         metrics: metrics.clone(),
+        lb_sources: config.lb_sources.clone(),
     };
     tokio::spawn(health::serve(
         probes,
@@ -201,10 +204,6 @@ fn watch_readiness(
     (readiness, check_log)
 }
 
-fn own_port(probes: &TcpListener) -> u16 {
-    probes.local_addr().map_or(0, |a| a.port())
-}
-
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the
 /// drain is what sizes the quiet period, and late arrivals are worth knowing in every mode.
 fn observe_traffic(
@@ -215,12 +214,16 @@ fn observe_traffic(
     metrics: Arc<Metrics>,
 ) -> Observers {
     let observers = Observers::new(config.app_ports.clone());
+    let own_port = traffic::OwnPort {
+        port: probes.local_addr().map_or(0, |a| a.port()),
+        listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),
+        accepts: observers.own_accepts.clone(),
+    };
     tokio::spawn(traffic::monitor(
         observers.traffic.clone(),
         app.pid,
         config.app_ports.clone(),
-        own_port(probes),
-        observers.own_accepts.clone(),
+        own_port,
         lifecycle.subscribe(),
         metrics,
     ));

@@ -58,6 +58,7 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
             "unhealthy_threshold": threshold,
             "drained": threshold.and(state.drain_started).map(|t| checkers.drained(now, t, threshold_or_default)),
             "checkers": checkers.status(now, state.drain_started, threshold_or_default),
+            "checkers_dropped": checkers.dropped,
         },
     })
 }

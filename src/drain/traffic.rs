@@ -5,6 +5,7 @@
 //! long after a load balancer stopped using them.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +33,8 @@ const MIN_QUIET: Duration = Duration::from_secs(1);
 pub struct Observation {
     /// Connections accepted by any listener of the network namespace, cumulative.
     pub passive_opens: Option<u64>,
-    /// Connections drainit's own probe server accepted, cumulative: not the app's traffic.
+    /// Connections to drainit's own probe port among `passive_opens` (accepted or waiting to
+    /// be): not the app's traffic.
     pub own_accepts: u64,
     /// Connections to the app's ports; `None` when sock_diag is unavailable.
     pub connections: Option<Vec<Connection>>,
@@ -45,10 +47,8 @@ pub struct Traffic {
     pub ports: Vec<u16>,
     /// Bytes received so far by each connection, by socket cookie.
     bytes_by_socket: HashMap<u64, Option<u64>>,
-    /// (passive opens - own accepts) at the last look. A probe connection the kernel counted
-    /// before drainit accepted it shows as one arrival, and the balance drops back at the next
-    /// look: an error of one sample, towards a longer drain. (A high-water mark instead would
-    /// swallow a later real arrival: a shorter drain.)
+    /// (passive opens - connections to the probe port) at the last look; see
+    /// [`OwnPort::passive_opens`] for how a flood of probe connections is kept out of it.
     app_accepts_before: Option<u64>,
     /// Times of observed activity (a sample's event count), for the rate before the drain.
     events: VecDeque<(Instant, u32)>,
@@ -271,8 +271,7 @@ pub async fn monitor(
     traffic: SharedTraffic,
     app: Pid,
     given_ports: Vec<u16>,
-    own_port: u16,
-    own_accepts: Arc<AtomicU64>,
+    own_port: OwnPort,
     mut state: watch::Receiver<State>,
     metrics: Arc<Metrics>,
 ) {
@@ -320,7 +319,7 @@ pub async fn monitor(
             && !current.drain_has_started()
             && is_due(ports_looked_up, rediscover)
         {
-            let (back, ports) = discover_ports(sampler.take(), app, own_port).await;
+            let (back, ports) = discover_ports(sampler.take(), app, own_port.port).await;
             sampler = back;
             ports_looked_up = Some(Instant::now());
             let mut traffic = lock(&traffic);
@@ -343,8 +342,12 @@ pub async fn monitor(
                     || is_due(sockets_read, SKIPPED_DUMPS_AT_MOST)
                     || lock(&traffic).sockets_may_have_changed()));
         let ports = lock(&traffic).ports.clone();
-        let own = own_accepts.load(Ordering::Relaxed);
-        let (back, observation) = observe(sampler.take(), dump_sockets.then_some(ports), own).await;
+        let (back, observation) = observe(
+            sampler.take(),
+            dump_sockets.then_some(ports),
+            own_port.clone(),
+        )
+        .await;
         sampler = back;
         if dump_sockets {
             sockets_read = Some(Instant::now());
@@ -457,14 +460,83 @@ async fn off_thread<T: Default + Send + 'static>(
 async fn observe(
     sampler: Option<TcpSampler>,
     ports: Option<Vec<u16>>,
-    own_accepts: u64,
+    own_port: OwnPort,
 ) -> (Option<TcpSampler>, Observation) {
-    off_thread(sampler, move |sampler| Observation {
-        passive_opens: tcp::passive_opens().ok(),
-        own_accepts,
-        connections: ports.and_then(|ports| sampler.as_mut()?.connections(&ports).ok()),
+    off_thread(sampler, move |sampler| {
+        let (passive_opens, own_accepts) = own_port.passive_opens();
+        Observation {
+            passive_opens,
+            own_accepts,
+            connections: ports.and_then(|ports| sampler.as_mut()?.connections(&ports).ok()),
+        }
     })
     .await
+}
+
+/// drainit's own probe port: connections to it are never the app's traffic, however many.
+#[derive(Debug, Clone)]
+pub struct OwnPort {
+    pub port: u16,
+    /// The probe listener (a duplicate descriptor): its accept queue is read from it.
+    pub listener: Option<Arc<OwnedFd>>,
+    /// Connections the probe server accepted, cumulative.
+    pub accepts: Arc<AtomicU64>,
+}
+
+/// The kernel's TCP_LISTEN socket state (include/net/tcp_states.h).
+const TCP_LISTEN: u8 = 10;
+/// Readings of the counter retried while connections keep arriving between them.
+const COUNTER_READS: usize = 4;
+
+impl OwnPort {
+    /// The namespace's passive opens and how many of them were to the probe port. The kernel
+    /// counts a connection when its handshake completes, before drainit accepts it, so a flood
+    /// of probe connections would look like app traffic if the accept queue were left out. The
+    /// probe port's share must never be overstated (that would hide an app arrival: a shorter
+    /// drain): its accepts are read before its queue (a connection accepted in between is
+    /// missed, not counted twice), and both between two readings of the counter that agree (no
+    /// connection completed in between). If they never agree, the share is understated: a
+    /// longer drain at worst.
+    fn passive_opens(&self) -> (Option<u64>, u64) {
+        let mut opens = tcp::passive_opens().ok();
+        let mut own = 0;
+        for _ in 0..COUNTER_READS {
+            own = self.accepts.load(Ordering::SeqCst) + self.queued();
+            let again = tcp::passive_opens().ok();
+            if again == opens {
+                break;
+            }
+            opens = again;
+        }
+        (opens, own)
+    }
+
+    /// Connections waiting in the probe listener's accept queue: for a listening socket the
+    /// kernel's TCP_INFO reports it as `tcpi_unacked`.
+    fn queued(&self) -> u64 {
+        let Some(listener) = &self.listener else {
+            return 0;
+        };
+        // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+        let mut info: nix::libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<nix::libc::tcp_info>() as nix::libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `info`, which we own; the descriptor
+        // is kept open by `listener`.
+        let read = unsafe {
+            nix::libc::getsockopt(
+                listener.as_raw_fd(),
+                nix::libc::IPPROTO_TCP,
+                nix::libc::TCP_INFO,
+                (&raw mut info).cast(),
+                &mut len,
+            )
+        };
+        if read == 0 && info.tcpi_state == TCP_LISTEN {
+            u64::from(info.tcpi_unacked)
+        } else {
+            0
+        }
+    }
 }
 
 async fn discover_ports(
@@ -490,6 +562,31 @@ mod tests {
     use std::net::SocketAddr;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn connections_waiting_to_be_accepted_count_as_the_probe_port_s() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let own = OwnPort {
+            port: addr.port(),
+            listener: Some(Arc::new(std::os::fd::OwnedFd::from(
+                listener.try_clone().unwrap(),
+            ))),
+            accepts: Arc::new(AtomicU64::new(5)),
+        };
+        let waiting: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(addr).unwrap())
+            .collect();
+        std::thread::sleep(MS(50));
+        assert_eq!(own.queued(), 3);
+        let (opens, share) = own.passive_opens();
+        assert!(opens.is_some());
+        assert_eq!(share, 8, "5 accepted, 3 waiting");
+        let _accepted = listener.accept().unwrap();
+        own.accepts.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(own.passive_opens().1, 8);
+        drop(waiting);
+    }
 
     fn conn(cookie: u64, bytes: u64) -> Connection {
         Connection {

@@ -161,7 +161,7 @@ impl Drainit {
         // Ready by drainit's default check, unless the test manages readiness itself.
         let own_readiness = options
             .iter()
-            .any(|o| o.starts_with("--ready-") || *o == "--min-ready");
+            .any(|o| ["--ready-http", "--ready-tcp", "--ready-exec", "--min-ready"].contains(o));
         if !own_readiness {
             drainit.wait_ready();
         }

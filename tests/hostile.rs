@@ -1,0 +1,415 @@
+//! The probe port faces every client in the cluster (issue 9): each attack on the real binary,
+//! with its limit asserted. Memory is drainit's resident set (/proc/<pid>/status VmRSS); probes
+//! are answered to a separate client. Timing bars (10 ms per probe) are printed by the benchmark.
+
+mod common;
+#[path = "common/hostile.rs"]
+mod hostile_clients;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{Checker, Drainit, http_request, json};
+use hostile_clients::{Crowd, Hostile, kubelet_probes, resident_kb};
+use nix::sys::signal::Signal;
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+const MS: fn(u64) -> Duration = Duration::from_millis;
+/// The issue's bar: no sequence of requests raises drainit's resident memory past this.
+const MAX_RSS_KB: u64 = 8 * 1024;
+/// Under 2,000 held connections, the most drainit's memory may grow: the idle connections'
+/// 3 MB, the serving ones' 0.4 MB and the allocator's slack. (drainit starts at about 4 MB built
+/// against glibc, as here, and at about 1.2 MB as the static musl build that ships: under 8 MB
+/// there.)
+const CROWD_GROWTH_KB: u64 = 6 * 1024;
+/// ...and it comes back to within this of where it started once the clients are gone.
+const RETURNS_WITHIN_KB: u64 = 1024;
+
+fn rss_kb(pid: i32) -> u64 {
+    resident_kb(pid).expect("VmRSS in /proc/<pid>/status")
+}
+
+/// Samples drainit's resident memory every 5 ms until dropped; `peak` is the highest seen.
+struct RssWatch {
+    peak: Arc<AtomicU64>,
+    running: Arc<AtomicBool>,
+}
+
+impl RssWatch {
+    fn start(pid: i32) -> Self {
+        let peak = Arc::new(AtomicU64::new(rss_kb(pid)));
+        let running = Arc::new(AtomicBool::new(true));
+        let (p, r) = (peak.clone(), running.clone());
+        thread::spawn(move || {
+            while r.load(Ordering::Relaxed) {
+                let Some(now) = resident_kb(pid) else { return };
+                p.fetch_max(now, Ordering::Relaxed);
+                thread::sleep(MS(5));
+            }
+        });
+        Self { peak, running }
+    }
+
+    fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.running.store(false, Ordering::Relaxed);
+    }
+}
+
+/// drainit around the demo app, warmed up: its memory as a probed pod's.
+fn probed_demo(options: &[&str]) -> (Drainit, u64) {
+    let drainit = Drainit::demo(options, &[]);
+    for _ in 0..50 {
+        assert_eq!(kubelet_probe(drainit.health, "/ready").0, 200);
+    }
+    thread::sleep(MS(200));
+    let start = rss_kb(drainit.pid().as_raw());
+    (drainit, start)
+}
+
+fn kubelet_probe(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(
+        addr,
+        &format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n"
+        ),
+    )
+}
+
+/// Sends `request` and reads the status code, if the server answered one.
+fn try_request(addr: SocketAddr, request: &[u8]) -> Option<u16> {
+    let mut stream = TcpStream::connect_timeout(&addr, SECS(2)).ok()?;
+    stream.set_read_timeout(Some(SECS(5))).ok()?;
+    let _ = stream.write_all(request);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Runs `work(i)` for `0..n` on `threads` threads.
+fn in_parallel(threads: usize, n: usize, work: impl Fn(usize) + Send + Sync + 'static) {
+    let work = Arc::new(work);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let work = work.clone();
+            thread::spawn(move || (t..n).step_by(threads).for_each(|i| work(i)))
+        })
+        .collect();
+    handles.into_iter().for_each(|h| h.join().unwrap());
+}
+
+/// Waits for drainit's memory to settle back near `start`; returns where it settled.
+fn settled_rss(pid: i32, start: u64) -> u64 {
+    let mut rss = rss_kb(pid);
+    for _ in 0..40 {
+        if rss <= start + RETURNS_WITHIN_KB {
+            break;
+        }
+        thread::sleep(MS(100));
+        rss = rss_kb(pid);
+    }
+    rss
+}
+
+#[test]
+fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind() {
+    let (mut drainit, start) = probed_demo(&[]);
+    let pid = drainit.pid().as_raw();
+    let health = drainit.health;
+    let watch = RssWatch::start(pid);
+
+    // 2,000 /ready requests with 100 KB User-Agents (measured before: +191 MB, never freed).
+    let answered_431 = Arc::new(AtomicU64::new(0));
+    let counted = answered_431.clone();
+    in_parallel(8, 2000, move |_| {
+        let agent = "a".repeat(100 * 1024);
+        let request = format!("GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\n\r\n");
+        if try_request(health, request.as_bytes()) == Some(431) {
+            counted.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    assert!(
+        answered_431.load(Ordering::Relaxed) > 0,
+        "oversized headers are answered 431"
+    );
+
+    // 500 connections at once, each sending 400 KB of headers that never end (measured before:
+    // 4 MB -> 205 MB resident).
+    let held: Vec<TcpStream> = (0..500)
+        .filter_map(|_| TcpStream::connect(health).ok())
+        .collect();
+    let chunk = format!("GET /ready HTTP/1.1\r\nX-Pad: {}", "b".repeat(4096));
+    for _ in 0..100 {
+        for mut stream in &held {
+            let _ = stream.set_nonblocking(true);
+            let _ = stream.write(chunk.as_bytes());
+        }
+    }
+    assert_eq!(
+        kubelet_probe(health, "/alive").0,
+        200,
+        "PID 1 still answers"
+    );
+    thread::sleep(MS(300));
+    let peak = watch.peak();
+    drop(held);
+
+    let settled = settled_rss(pid, start);
+    eprintln!("resident: {start} kB at start, peak {peak} kB, {settled} kB after");
+    assert!(peak <= MAX_RSS_KB, "peak {peak} kB (start {start} kB)");
+    assert!(
+        settled <= start + RETURNS_WITHIN_KB,
+        "{settled} kB after the clients left, {start} kB at start"
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+#[test]
+fn many_distinct_user_agents_keep_the_checker_table_and_status_small() {
+    let (mut drainit, start) = probed_demo(&[]);
+    let pid = drainit.pid().as_raw();
+    let health = drainit.health;
+    let watch = RssWatch::start(pid);
+    // 20,000 distinct User-Agents of 2 KB each, on kept-alive connections from 4 threads
+    // (measured before: 100,000 short ones took 17 MB and made /status 21 MB, 4.3 s to render).
+    in_parallel(4, 4, move |t| {
+        let mut stream = TcpStream::connect(health).unwrap();
+        stream.set_read_timeout(Some(SECS(5))).unwrap();
+        let mut buffer = [0u8; 4096];
+        for i in 0..5000 {
+            let agent = format!("agent-{t}-{i}-{}", "x".repeat(2000));
+            let request = format!("GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\n\r\n");
+            stream.write_all(request.as_bytes()).unwrap();
+            let n = stream.read(&mut buffer).unwrap();
+            assert!(buffer[..n].starts_with(b"HTTP/1.1 200"));
+        }
+    });
+    let asked = Instant::now();
+    let (code, body) = http_request(
+        health,
+        "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    let took = asked.elapsed();
+    assert_eq!(code, 200);
+    let status = json(body.split("\r\n\r\n").nth(1).unwrap());
+    let checkers = status["lb_probes"]["checkers"].as_array().unwrap();
+    eprintln!(
+        "/status: {} bytes, {} checkers, {} dropped, {took:?}; resident {start} kB at start, peak {} kB",
+        body.len(),
+        checkers.len(),
+        status["lb_probes"]["checkers_dropped"],
+        watch.peak()
+    );
+    assert!(checkers.len() <= 64 + 8, "{} checkers", checkers.len());
+    assert!(
+        checkers
+            .iter()
+            .all(|c| c["user_agent"].as_str().unwrap().len() <= 128)
+    );
+    assert!(status["lb_probes"]["checkers_dropped"].as_u64().unwrap() > 19_000);
+    assert!(body.len() < 64 * 1024, "/status is {} bytes", body.len());
+    assert!(took < SECS(1), "/status took {took:?}");
+    assert!(watch.peak() <= MAX_RSS_KB, "peak {} kB", watch.peak());
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+#[test]
+fn two_thousand_idle_and_slow_connections_never_keep_the_kubelet_out() {
+    let (mut drainit, start) = probed_demo(&[]);
+    let health = drainit.health;
+    let watch = RssWatch::start(drainit.pid().as_raw());
+    // Measured before: 520 idle connections made 134-169 of 200 kubelet probes fail.
+    let crowds = [
+        Crowd::hold(Hostile::Idle, 800, health),
+        Crowd::hold(Hostile::Slowloris, 600, health),
+        Crowd::hold(Hostile::Unterminated, 600, health),
+    ];
+    thread::sleep(SECS(1));
+    let results = kubelet_probes(health, SECS(4));
+    let opened: u64 = crowds.into_iter().map(Crowd::stop).sum();
+    let failed = results.iter().filter(|r| r.is_none()).count();
+    let mut latencies: Vec<Duration> = results.iter().flatten().copied().collect();
+    latencies.sort();
+    let slowest = latencies.last().copied().unwrap_or_default();
+    eprintln!(
+        "{} kubelet probes, {failed} failed, slowest {slowest:?}; {opened} hostile connections \
+         opened; resident {start} kB at start, peak {} kB",
+        results.len(),
+        watch.peak()
+    );
+    assert!(opened >= 2000, "the crowd held its connections: {opened}");
+    assert!(results.len() >= 100);
+    assert_eq!(failed, 0, "every kubelet probe answered 200 within 1 s");
+    assert!(
+        watch.peak() <= start + CROWD_GROWTH_KB,
+        "peak {} kB, start {start} kB",
+        watch.peak()
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+/// Whether the kubelet is told ready (the start-up gate applies to it alone).
+fn kubelet_ready(drainit: &Drainit) -> bool {
+    kubelet_probe(drainit.health, "/ready").0 == 200
+}
+
+fn stranger(drainit: &Drainit, agent: &str) {
+    let request = format!(
+        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+    );
+    assert_eq!(http_request(drainit.health, &request).0, 200);
+}
+
+#[test]
+fn strangers_neither_open_nor_hold_the_start_up_gate() {
+    let mut drainit = Drainit::demo(
+        &["--ready-after-lb-probes", "2", "--ready-lb-timeout", "30s"],
+        &[],
+    );
+    // Measured before: two requests from anyone opened the gate at 0.5 s.
+    stranger(&drainit, "x");
+    thread::sleep(MS(300));
+    stranger(&drainit, "x");
+    stranger(&drainit, "y");
+    thread::sleep(MS(300));
+    assert!(!kubelet_ready(&drainit), "the gate opened for strangers");
+    // Measured before: a fresh User-Agent every 20 s held the gate to its timeout. Here one
+    // every 100 ms, while a real load balancer checks every 200 ms.
+    let running = Arc::new(AtomicBool::new(true));
+    let (flag, health) = (running.clone(), drainit.health);
+    let fresh = thread::spawn(move || {
+        let mut i = 0;
+        while flag.load(Ordering::Relaxed) {
+            let request = format!(
+                "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: fresh-{i}\r\nConnection: close\r\n\r\n"
+            );
+            http_request(health, &request);
+            i += 1;
+            thread::sleep(MS(100));
+        }
+    });
+    let lb = Checker::start(&drainit, "HAProxy", MS(200), false);
+    let opened = common::time_until(SECS(10), || kubelet_ready(&drainit));
+    running.store(false, Ordering::Relaxed);
+    fresh.join().unwrap();
+    drop(lb);
+    // Three probes 200 ms apart make a load balancer: about 0.4 s.
+    assert!(
+        opened.is_some_and(|t| t < SECS(5)),
+        "gate opened after {opened:?}: {}",
+        drainit.logs.text()
+    );
+    drainit.signal(Signal::SIGTERM);
+    assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+#[test]
+fn lb_source_must_be_address_ranges_where_load_balancers_count() {
+    let refused = |args: &[&str]| {
+        let output = Command::new(common::drainit_bin())
+            .args(args)
+            .args(["--", "true"])
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let bad = refused(&["--drain-watch", "lb-probes", "--lb-source", "10.0.0.0/33"]);
+    assert!(bad.contains("10.0.0.0/33"), "{bad}");
+    let stray = refused(&["--lb-source", "10.0.0.0/8"]);
+    assert!(stray.contains("--lb-source only applies to"), "{stray}");
+}
+
+/// Connects to `port` on the loopback of `pid`'s network namespace as fast as it can (each
+/// connection closed at once) until `running` is cleared; returns how many it made.
+fn flood_from_inside(pid: i32, port: u16, running: Arc<AtomicBool>) -> thread::JoinHandle<u64> {
+    thread::spawn(move || {
+        let netns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+        // SAFETY: joins this thread (only) to the namespace of an open descriptor.
+        let joined = unsafe { nix::libc::setns(netns.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+        assert_eq!(joined, 0, "setns: {}", std::io::Error::last_os_error());
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut made = 0;
+        let started = Instant::now();
+        while running.load(Ordering::Relaxed) {
+            // About 3,000 a second, as in the issue.
+            let due = started + Duration::from_micros(333) * made as u32;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            if TcpStream::connect(addr).is_ok() {
+                made += 1;
+            }
+        }
+        made
+    })
+}
+
+#[test]
+fn a_flood_of_connections_to_the_probe_port_is_not_app_traffic() {
+    // A network namespace of its own, as a pod has: the kernel's counters are its alone.
+    let mut unshare = Command::new("unshare");
+    unshare
+        .args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$@\"",
+            "sh",
+        ])
+        .arg(common::drainit_bin());
+    let app = common::demo_app_bin();
+    let mut drainit = Drainit::start_with(
+        unshare,
+        &[
+            "--drain-watch",
+            "traffic",
+            "--quiet-period",
+            "1s",
+            "--drain-min",
+            "0",
+            "--drain-max",
+            "8s",
+            "--grace-period",
+            "12s",
+        ],
+        &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+    );
+    drainit.app_line("demo-app: listening on");
+    let running = Arc::new(AtomicBool::new(true));
+    let flood = flood_from_inside(
+        drainit.pid().as_raw(),
+        drainit.health.port(),
+        running.clone(),
+    );
+    thread::sleep(SECS(2));
+    // Measured before: the drain was held to its cap.
+    let drained_after = drainit.drain_time();
+    running.store(false, Ordering::Relaxed);
+    let made = flood.join().unwrap();
+    let over = drainit.log("drain over");
+    eprintln!("{made} connections to the probe port; drain {drained_after:?}: {over}");
+    assert!(made > 3000, "the flood ran: {made} connections");
+    assert_eq!(over["reason"], "watchers report drained", "{over}");
+    assert!(drained_after < SECS(4), "drain took {drained_after:?}");
+    assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
