@@ -254,6 +254,33 @@ fn main() {
     ready_latency_while_the_app_check_hangs();
     kubelet_probes_under_a_hostile_crowd();
     budget_kill_with_a_stuck_stderr();
+    budget_kill_while_status_is_polled();
+}
+
+/// Issue 9's freeze: 2 clients polling `/status` and `/metrics` with a full checker table, an app
+/// that ignores SIGTERM: the budget kill still lands at grace - 1 s.
+fn budget_kill_while_status_is_polled() {
+    use hostile_clients::POLLED_GRACE;
+    let mut errors = Vec::new();
+    let mut renders = 0;
+    for _ in 0..5 {
+        let run = hostile_clients::budget_kill_while_status_is_polled();
+        assert_eq!(run.exit_code, Some(137), "budget kill must exit 137");
+        errors.push(
+            run.killed_after
+                .abs_diff(POLLED_GRACE - Duration::from_secs(1)),
+        );
+        renders += run.renders;
+    }
+    report(
+        "/status polled: budget kill vs grace - 1s",
+        errors,
+        Bar::Max(Duration::from_millis(300)),
+    );
+    println!(
+        "{:<44} {renders} in 5 runs (64 checkers)",
+        "/status polled: renders answered"
+    );
 }
 
 /// A log collector that stopped reading, then 1,500 forwarded signals: log lines are dropped,

@@ -9,6 +9,7 @@ mod hostile_clients;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,8 +17,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::{Checker, Drainit, http_request, json};
-use hostile_clients::{Crowd, Hostile, kubelet_probes, resident_kb};
+use hostile_clients::{
+    Crowd, Hostile, POLLED_GRACE, distinct_user_agents, kubelet_probes, resident_kb,
+};
 use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -126,14 +130,9 @@ fn settled_rss(pid: i32, start: u64) -> u64 {
     rss
 }
 
-#[test]
-fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind() {
-    let (mut drainit, start) = probed_demo(&[]);
-    let pid = drainit.pid().as_raw();
-    let health = drainit.health;
-    let watch = RssWatch::start(pid);
-
-    // 2,000 /ready requests with 100 KB User-Agents (measured before: +191 MB, never freed).
+/// 2,000 `/ready` requests with 100 KB User-Agents, from 8 threads; returns how many were
+/// answered 431.
+fn huge_user_agents(health: SocketAddr) -> u64 {
     let answered_431 = Arc::new(AtomicU64::new(0));
     let counted = answered_431.clone();
     in_parallel(8, 2000, move |_| {
@@ -143,14 +142,13 @@ fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind(
             counted.fetch_add(1, Ordering::Relaxed);
         }
     });
-    assert!(
-        answered_431.load(Ordering::Relaxed) > 0,
-        "oversized headers are answered 431"
-    );
+    answered_431.load(Ordering::Relaxed)
+}
 
-    // 500 connections at once, each sending 400 KB of headers that never end (measured before:
-    // 4 MB -> 205 MB resident).
-    let held: Vec<TcpStream> = (0..500)
+/// `count` connections at once, each sending 400 KB of headers that never end (as much as
+/// drainit takes in), held until dropped.
+fn unterminated_headers(health: SocketAddr, count: usize) -> Vec<TcpStream> {
+    let held: Vec<TcpStream> = (0..count)
         .filter_map(|_| TcpStream::connect(health).ok())
         .collect();
     let chunk = format!("GET /ready HTTP/1.1\r\nX-Pad: {}", "b".repeat(4096));
@@ -160,6 +158,23 @@ fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind(
             let _ = stream.write(chunk.as_bytes());
         }
     }
+    held
+}
+
+#[test]
+fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind() {
+    let (mut drainit, start) = probed_demo(&[]);
+    let pid = drainit.pid().as_raw();
+    let health = drainit.health;
+    let watch = RssWatch::start(pid);
+
+    // Measured before: +191 MB, never freed.
+    assert!(
+        huge_user_agents(health) > 0,
+        "oversized headers are answered 431"
+    );
+    // Measured before: 4 MB -> 205 MB resident.
+    let held = unterminated_headers(health, 500);
     assert_eq!(
         kubelet_probe(health, "/alive").0,
         200,
@@ -228,6 +243,30 @@ fn many_distinct_user_agents_keep_the_checker_table_and_status_small() {
     assert!(watch.peak() <= MAX_RSS_KB, "peak {} kB", watch.peak());
     drainit.signal(Signal::SIGTERM);
     assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+#[test]
+fn the_budget_kill_is_on_time_while_clients_poll_status_with_a_full_checker_table() {
+    // Measured before: with 100,000 checkers and 2 clients polling /status, the kill came
+    // 1,157 ms late. The precise bar (300 ms) is the benchmark's.
+    let run = hostile_clients::budget_kill_while_status_is_polled();
+    let due = POLLED_GRACE - SECS(1);
+    eprintln!(
+        "budget kill {:?} after SIGTERM ({:?} from grace - 1 s), {} checkers, {} renders",
+        run.killed_after,
+        run.killed_after.abs_diff(due),
+        run.checkers,
+        run.renders
+    );
+    assert_eq!(run.exit_code, Some(137), "the budget kill's exit code");
+    assert_eq!(run.checkers, 64, "the checker table was full");
+    assert!(run.renders > 0, "the clients were answered while polling");
+    // Never early (a loaded machine only makes it later), and under 1 s late.
+    assert!(
+        run.killed_after > due - MS(100) && run.killed_after < due + SECS(1),
+        "budget kill {:?} after SIGTERM, due at {due:?}",
+        run.killed_after
+    );
 }
 
 #[test]
@@ -412,4 +451,175 @@ fn a_flood_of_connections_to_the_probe_port_is_not_app_traffic() {
     assert_eq!(over["reason"], "watchers report drained", "{over}");
     assert!(drained_after < SECS(4), "drain took {drained_after:?}");
     assert_eq!(drainit.exit_code(SECS(10)), 0);
+}
+
+/// Where cgroup v1 mounts the memory controller.
+const MEMORY_CONTROLLER: &str = "/sys/fs/cgroup/memory";
+/// The memory limit of the pod in issue 9's OOM kills.
+const POD_LIMIT: u64 = 128 << 20;
+/// "Far below the limit": drainit, the demo app, unshare and the kernel's socket buffers of
+/// hundreds of hostile connections.
+const POD_USAGE_BAR: u64 = 32 << 20;
+
+/// A fresh child cgroup of the memory controller with a memory (and memory+swap) limit; on
+/// drop, even after a panic, its processes are killed and it is removed.
+struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    /// None where the machine has no v1 memory controller.
+    fn create(limit: u64) -> Option<Self> {
+        let controller = Path::new(MEMORY_CONTROLLER);
+        if !controller.join("memory.limit_in_bytes").exists() {
+            return None;
+        }
+        let dir = controller.join(format!("drainit-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let cgroup = Self { dir };
+        cgroup.write("memory.limit_in_bytes", limit);
+        if cgroup.dir.join("memory.memsw.limit_in_bytes").exists() {
+            cgroup.write("memory.memsw.limit_in_bytes", limit);
+        }
+        Some(cgroup)
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn write(&self, name: &str, value: u64) {
+        std::fs::write(self.file(name), value.to_string())
+            .unwrap_or_else(|e| panic!("write {name}: {e}"));
+    }
+
+    /// A counter file's value, if the kernel has that file.
+    fn read(&self, name: &str) -> Option<u64> {
+        std::fs::read_to_string(self.file(name))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// `key`'s value in a flat keyed file such as memory.oom_control, if there.
+    fn keyed(&self, name: &str, key: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(self.file(name)).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        std::fs::read_to_string(self.file("cgroup.procs"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..500 {
+            let pids = self.pids();
+            if pids.is_empty() {
+                break;
+            }
+            for pid in pids {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            thread::sleep(MS(10));
+        }
+        if let Err(e) = std::fs::remove_dir(&self.dir) {
+            eprintln!("could not remove {}: {e}", self.dir.display());
+        }
+    }
+}
+
+/// drainit as PID 1 of a new PID namespace (as in a container) inside `cgroup`: the shell
+/// joins the cgroup, then becomes unshare, whose child is drainit.
+fn as_pid1_in(cgroup: &MemoryCgroup) -> Drainit {
+    let mut wrapper = Command::new("sh");
+    let procs = cgroup.file("cgroup.procs");
+    wrapper
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {} && exec unshare --pid --fork --mount-proc \"$@\"",
+            procs.display()
+        ))
+        .arg("sh")
+        .arg(common::drainit_bin());
+    let app = common::demo_app_bin();
+    let mut drainit = Drainit::start_with(
+        wrapper,
+        &[],
+        &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+    );
+    drainit.app_line("demo-app: listening on");
+    drainit.wait_ready();
+    drainit
+}
+
+/// The first child of `pid` (host pids).
+fn first_child(pid: i32) -> i32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .expect("no child")
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn as_pid1_in_a_128_mib_memory_cgroup_it_survives_the_memory_attacks() {
+    let Some(cgroup) = MemoryCgroup::create(POD_LIMIT) else {
+        eprintln!("skipped: no cgroup v1 memory controller at {MEMORY_CONTROLLER}");
+        return;
+    };
+    let mut unshare = as_pid1_in(&cgroup);
+    let init = first_child(unshare.pid().as_raw());
+    let app = first_child(init);
+    assert!(cgroup.pids().contains(&init), "drainit is in the cgroup");
+    let health = unshare.health;
+    // Measured before, in a 128 MiB cgroup: 200 KB User-Agents, or 400 connections of
+    // unterminated headers, got PID 1 OOM-killed.
+    assert!(
+        huge_user_agents(health) > 0,
+        "oversized headers answered 431"
+    );
+    let held = unterminated_headers(health, 400);
+    assert_eq!(distinct_user_agents(health, 20, 500, "cgroup"), 10_000);
+    assert_eq!(kubelet_probe(health, "/alive").0, 200, "PID 1 answers");
+    drop(held);
+
+    let max_usage = cgroup.read("memory.max_usage_in_bytes").unwrap();
+    let failcnt = cgroup.read("memory.failcnt");
+    let oom_kills = cgroup.keyed("memory.oom_control", "oom_kill");
+    eprintln!(
+        "cgroup peak {:.1} MiB of {} MiB; failcnt {failcnt:?}, oom_kill {oom_kills:?}",
+        max_usage as f64 / 1048576.0,
+        POD_LIMIT >> 20
+    );
+    assert!(common::is_running(init), "drainit (PID 1) is alive");
+    assert!(common::is_running(app), "the app is alive");
+    assert_eq!(
+        kubelet_probe(health, "/alive").0,
+        200,
+        "PID 1 still answers"
+    );
+    assert!(failcnt.is_some() || oom_kills.is_some(), "no OOM counter");
+    assert_eq!(failcnt.unwrap_or(0), 0, "the cgroup hit its limit");
+    assert_eq!(
+        oom_kills.unwrap_or(0),
+        0,
+        "the kernel OOM-killed in the cgroup"
+    );
+    assert!(
+        max_usage < POD_USAGE_BAR,
+        "cgroup peak {max_usage} bytes, bar {POD_USAGE_BAR}"
+    );
+    // unshare passes no signals on: signal PID 1 itself.
+    nix::sys::signal::kill(Pid::from_raw(init), Signal::SIGTERM).unwrap();
+    assert_eq!(unshare.exit_code(SECS(10)), 0);
 }

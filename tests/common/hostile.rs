@@ -165,3 +165,141 @@ pub fn resident_kb(pid: i32) -> Option<u64> {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
+
+/// `per_source` `/ready` requests with a distinct User-Agent each, kept alive from each of
+/// `sources` addresses (127.0.3.x) in turn: every one a would-be load balancer for the checker
+/// table. Returns how many were answered; stops early at the first connection drainit closes.
+pub fn distinct_user_agents(addr: SocketAddr, sources: u8, per_source: usize, tag: &str) -> usize {
+    let mut answered = 0;
+    let mut buffer = [0u8; 4096];
+    for s in 0..sources {
+        let Some(mut stream) = connect_from(Ipv4Addr::new(127, 0, 3, 1 + s), addr) else {
+            return answered;
+        };
+        let _ = stream.set_read_timeout(Some(SECS(5)));
+        for i in 0..per_source {
+            let request = format!(
+                "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {tag}-{s}-{i}-{}\r\n\r\n",
+                "x".repeat(100)
+            );
+            if stream.write_all(request.as_bytes()).is_err() {
+                return answered;
+            }
+            match stream.read(&mut buffer) {
+                Ok(n) if n > 0 => answered += 1,
+                _ => return answered,
+            }
+        }
+    }
+    answered
+}
+
+/// Clients that poll `/status` and `/metrics` back to back (each a new connection), plus one
+/// that keeps adding distinct User-Agents so the full checker table keeps changing, until
+/// dropped: the renders and the table's churn that once froze drainit's single thread.
+pub struct StatusPollers {
+    running: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<usize>>,
+}
+
+impl StatusPollers {
+    pub fn start(addr: SocketAddr, pollers: usize) -> Self {
+        let running = Arc::new(AtomicBool::new(true));
+        let mut threads: Vec<_> = (0..pollers)
+            .map(|_| {
+                let running = running.clone();
+                thread::spawn(move || poll_status(addr, &running))
+            })
+            .collect();
+        let churning = running.clone();
+        threads.push(thread::spawn(move || {
+            let mut round = 0;
+            while churning.load(Ordering::Relaxed) {
+                if distinct_user_agents(addr, 4, 50, &format!("churn{round}")) == 0 {
+                    break;
+                }
+                round += 1;
+            }
+            0
+        }));
+        Self { running, threads }
+    }
+
+    /// Stops; returns how many `/status` and `/metrics` renders were answered.
+    pub fn stop(mut self) -> usize {
+        self.running.store(false, Ordering::Relaxed);
+        self.threads.drain(..).map(|t| t.join().unwrap()).sum()
+    }
+}
+
+fn poll_status(addr: SocketAddr, running: &AtomicBool) -> usize {
+    let mut answered = 0;
+    for path in ["/status", "/metrics"].iter().cycle() {
+        if !running.load(Ordering::Relaxed) {
+            break;
+        }
+        let rendered = (|| {
+            let mut stream = TcpStream::connect_timeout(&addr, SECS(1)).ok()?;
+            stream.set_read_timeout(Some(SECS(5))).ok()?;
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(request.as_bytes()).ok()?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).ok()?;
+            response.starts_with(b"HTTP/1.1 200").then_some(())
+        })();
+        match rendered {
+            Some(()) => answered += 1,
+            // drainit is gone (the budget kill's exit): nothing left to poll.
+            None => thread::sleep(MS(5)),
+        }
+    }
+    answered
+}
+
+/// The grace period of `budget_kill_while_status_is_polled`: the kill is due 1 s before it.
+pub const POLLED_GRACE: Duration = Duration::from_secs(3);
+
+/// What `budget_kill_while_status_is_polled` saw.
+pub struct PolledKill {
+    /// From SIGTERM until the app was gone.
+    pub killed_after: Duration,
+    pub exit_code: Option<i32>,
+    /// Entries in `/status`'s checker table before SIGTERM.
+    pub checkers: usize,
+    /// `/status` and `/metrics` renders answered meanwhile.
+    pub renders: usize,
+}
+
+/// Issue 9's freeze: an app that ignores SIGTERM, the checker table filled with 10,000 distinct
+/// User-Agents from 20 addresses, then 2 clients polling `/status` and `/metrics` (and one
+/// churning the table) through SIGTERM until the budget kill.
+pub fn budget_kill_while_status_is_polled() -> PolledKill {
+    use crate::common::{Drainit, is_running};
+    use nix::sys::signal::Signal;
+    let grace = format!("{}s", POLLED_GRACE.as_secs());
+    let mut drainit = Drainit::demo(
+        &["--drain-delay", "0", "--grace-period", &grace],
+        &["--ignore-term"],
+    );
+    let app = drainit.app_pid();
+    let health = drainit.health;
+    assert_eq!(distinct_user_agents(health, 20, 500, "fill"), 10_000);
+    let status = drainit.status();
+    let checkers = status["lb_probes"]["checkers"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let pollers = StatusPollers::start(health, 2);
+    thread::sleep(MS(500));
+    let sigterm = drainit.signal_at(Signal::SIGTERM);
+    while is_running(app) && sigterm.elapsed() < POLLED_GRACE * 3 {
+        thread::sleep(MS(1));
+    }
+    let killed_after = sigterm.elapsed();
+    let exit_code = drainit.wait(SECS(10)).code();
+    PolledKill {
+        killed_after,
+        exit_code,
+        checkers,
+        renders: pollers.stop(),
+    }
+}
