@@ -18,6 +18,8 @@ use serde_json::Value;
 #[path = "../binaries/mod.rs"]
 pub mod binaries;
 pub use binaries::{demo_app_bin, drainit_bin};
+#[path = "../procfs/mod.rs"]
+mod procfs;
 
 /// A control socket name no other test uses.
 pub fn unique_control() -> String {
@@ -336,8 +338,12 @@ impl Drop for Drainit {
             let v: Value = serde_json::from_str(&l.text).ok()?;
             (v["message"] == "app started").then(|| v["pid"].as_i64())?
         });
-        if let Some(app) = app {
-            let _ = kill(Pid::from_raw(-(app as i32)), Signal::SIGKILL);
+        // Under `unshare --pid` the logged pid is the namespace's: on the host that number is
+        // some other process group, never to be killed.
+        if let Some(app) = app.map(|pid| pid as i32)
+            && procfs::parent_of(app) == Some(self.child.id() as i32)
+        {
+            let _ = kill(Pid::from_raw(-app), Signal::SIGKILL);
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -29,6 +29,8 @@ pub const SLOW: Duration = Duration::from_millis(900);
 #[path = "../binaries/mod.rs"]
 mod binaries;
 pub use binaries::{demo_app_bin, drainit_bin};
+#[path = "../procfs/mod.rs"]
+mod procfs;
 
 /// Fails (rather than skips) when HAProxy is missing: a test that skipped itself would be a test
 /// that cannot fail.
@@ -202,11 +204,7 @@ pub fn children_of(parent: Pid) -> Vec<Pid> {
         .flatten()
         .filter_map(|entry| {
             let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            let after_comm = &stat[stat.rfind(')')? + 1..];
-            let ppid: i32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == parent.as_raw()).then(|| Pid::from_raw(pid))
+            (procfs::parent_of(pid)? == parent.as_raw()).then(|| Pid::from_raw(pid))
         })
         .collect()
 }
