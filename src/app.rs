@@ -135,17 +135,22 @@ impl App {
         }
     }
 
-    /// SIGKILLs the app's group and every live descendant of drainit; returns those it reached.
+    /// SIGKILLs the app's group and every live descendant of drainit; returns the descendants
+    /// that were alive.
     fn kill_leftovers_once(&self) -> Vec<Pid> {
-        // The group first: its members are drainit's descendants too (drainit is their
-        // subreaper), but one call reaches them all at once. Its zombies answer too, so only
-        // the descendants below tell whether anything is left.
-        let _ = signal::killpg(self.pid, Signal::SIGKILL);
+        // Who is alive is read before anything is killed: a process SIGKILLed a moment earlier
+        // may already be a zombie when /proc is read, and would go uncounted.
         let me = std::process::id() as i32;
-        process_tree::descendants_and_self(me)
+        let alive: Vec<Pid> = process_tree::descendants_and_self(me)
             .into_iter()
             .filter(|pid| *pid != me && !process_tree::is_zombie(*pid))
             .map(Pid::from_raw)
+            .collect();
+        // The group in one call: its members are drainit's descendants too (drainit is their
+        // subreaper).
+        let _ = signal::killpg(self.pid, Signal::SIGKILL);
+        alive
+            .into_iter()
             .filter(|pid| signal::kill(*pid, Signal::SIGKILL).is_ok())
             .collect()
     }
