@@ -173,7 +173,9 @@ fn send(target: Pid, signal: i32) {
         // Already gone: its exit status is on its way to the reaper.
         Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
         Err(e) => {
-            if let Some(held_back) = crate::sync::lock(&SIGNAL_FAILURES).occurred(Instant::now()) {
+            if let Some(held_back) =
+                crate::sync::lock(&SIGNAL_FAILURES).occurred(tokio::time::Instant::now())
+            {
                 let target = target.as_raw();
                 warn!(target, signal, error = %e, held_back, "could not signal the app");
             }

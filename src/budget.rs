@@ -2,7 +2,9 @@
 //! in the pod's grace period, and drainit kills the app itself just before the kubelet would, so
 //! the kill is logged and the exit code is drainit's to report.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::cli::format_duration;
 use crate::exit::StartupError;

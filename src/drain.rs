@@ -9,7 +9,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use serde_json::{Value, json};
 use tracing::warn;
@@ -179,7 +181,7 @@ impl DrainPolicy {
     pub async fn run(self, started: Instant, observers: Observers) -> DrainEnd {
         match self {
             DrainPolicy::Fixed(delay) => {
-                tokio::time::sleep_until((started + delay).into()).await;
+                tokio::time::sleep_until(started + delay).await;
                 DrainEnd {
                     reason: EndReason::Delay,
                     elapsed: started.elapsed(),
@@ -203,7 +205,7 @@ impl WatchedDrain {
         let mut all_drained_since: Option<Instant> = None;
         let mut drained_at: Vec<(Watcher, Option<Duration>)> =
             self.watchers.iter().map(|w| (*w, None)).collect();
-        let mut tick = tokio::time::interval_at(started.into(), WATCH_TICK);
+        let mut tick = tokio::time::interval_at(started, WATCH_TICK);
         loop {
             tick.tick().await;
             let now = Instant::now();

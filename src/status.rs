@@ -1,7 +1,7 @@
 //! `GET /status`: what drainit sees and decided, as JSON, for operators (and for tuning drains).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use serde_json::{Value, json};
 

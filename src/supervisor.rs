@@ -7,7 +7,9 @@
 use std::future::{Future, pending};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures_util::StreamExt;
 use nix::sys::signal::Signal;
@@ -372,7 +374,7 @@ async fn drain_over(drain: &mut Option<DrainFuture>) -> DrainEnd {
 /// Resolves at `deadline`; never, if there is none.
 async fn at(deadline: Option<Instant>) {
     match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => pending().await,
     }
 }

@@ -2,7 +2,9 @@
 //! left out, so that a condition that repeats thousands of times a second (accept failing with
 //! EMFILE) neither floods the log nor hides that it is still going on.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub struct Throttle {
