@@ -72,7 +72,7 @@ impl App {
         let pid = Pid::from_raw(child.id() as i32);
         // Dropping a std Child neither waits nor kills: the reaper collects its status.
         drop(child);
-        info!(pid = pid.as_raw(), program = %command.program.to_string_lossy(), "app started");
+        info!(event = "app_started", pid = pid.as_raw(), program = %command.program.to_string_lossy(), "app started");
         Ok(Self {
             pid,
             forward_to_group,
@@ -125,6 +125,7 @@ impl App {
             }
             if Instant::now() >= deadline {
                 warn!(
+                    event = "leftovers_survived",
                     left = killed.len(),
                     "processes the app left behind still run after {LEFTOVERS_LIMIT:?} of SIGKILLs"
                 );
@@ -169,15 +170,25 @@ fn send(target: Pid, signal: i32) {
     // SAFETY: kill(2) takes plain integers; no memory is shared with the callee.
     let sent = Errno::result(unsafe { nix::libc::kill(target.as_raw(), signal) });
     match sent {
-        Ok(_) => debug!(target = target.as_raw(), signal, "signal sent"),
+        Ok(_) => debug!(
+            event = "signal_sent",
+            target = target.as_raw(),
+            signal,
+            "signal sent"
+        ),
         // Already gone: its exit status is on its way to the reaper.
-        Err(Errno::ESRCH) => debug!(target = target.as_raw(), signal, "no such process"),
+        Err(Errno::ESRCH) => debug!(
+            event = "signal_target_gone",
+            target = target.as_raw(),
+            signal,
+            "no such process"
+        ),
         Err(e) => {
             if let Some(held_back) =
                 crate::sync::lock(&SIGNAL_FAILURES).occurred(tokio::time::Instant::now())
             {
                 let target = target.as_raw();
-                warn!(target, signal, error = %e, held_back, "could not signal the app");
+                warn!(event = "signal_failed", target, signal, error = %e, held_back, "could not signal the app");
             }
         }
     }

@@ -221,7 +221,10 @@ fn drain_policy(args: &RunArgs) -> Result<DrainPolicy, StartupError> {
                 "{message}: keep --drain-max (or drop --drain-watch for a fixed delay)"
             )));
         }
-        warn!("{message}: --drain-max wins, --drain-delay is ignored");
+        warn!(
+            event = "drain_delay_ignored",
+            "{message}: --drain-max wins, --drain-delay is ignored"
+        );
     }
     let max = args.drain_max.unwrap_or(delay);
     let min = args.drain_min.unwrap_or(DEFAULT_DRAIN_MIN);
@@ -277,7 +280,10 @@ fn refuse_stray(
             )));
         }
         let variable = env_variable(flag);
-        warn!("{variable} is ignored: {flag} only applies to {applies_to}");
+        warn!(
+            event = "variable_ignored",
+            "{variable} is ignored: {flag} only applies to {applies_to}"
+        );
     }
     Ok(())
 }

@@ -171,7 +171,10 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
                 }
                 Err(refusal) => {
                     if let Some(held_back) = refusals.occurred(Instant::now()) {
-                        warn!(held_back, "drain request refused: {refusal}");
+                        warn!(
+                            event = "drain_request_refused",
+                            held_back, "drain request refused: {refusal}"
+                        );
                     }
                     tokio::spawn(refuse(stream, refusal));
                 }
@@ -179,7 +182,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
             Err(e) => {
                 // Out of file descriptors, say: it fails again at once, and would flood the log.
                 if let Some(held_back) = accept_failures.occurred(Instant::now()) {
-                    warn!(error = %e, held_back, "control socket accept failed");
+                    warn!(event = "control_accept_failed", error = %e, held_back, "control socket accept failed");
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -223,7 +226,7 @@ async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::R
     let mut channel = lines(stream);
     let request = read_request(&mut channel).await;
     if request.trim() != DRAIN_REQUEST {
-        debug!(%request, "ignoring malformed control request");
+        debug!(event = "control_request_malformed", %request, "ignoring malformed control request");
         let _ = channel.send("error: expected 'drain'").await;
         return;
     }

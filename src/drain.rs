@@ -228,7 +228,7 @@ impl WatchedDrain {
                     && !report["traffic_drained_ms"].is_u64()
                     && arrived_while_draining
                 {
-                    warn!(
+                    warn!(event = "traffic_never_quiet",
                         last_request_ms = %report["last_request_ms"],
                         open_connections = %report["open_connections"],
                         "traffic never went quiet: requests still arrive (a long-lived stream, or a load balancer still routing here); the drain ends at --drain-max"

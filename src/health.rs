@@ -91,7 +91,7 @@ fn no_ipv6(error: &std::io::Error) -> bool {
 
 pub fn announce(listener: &TcpListener) {
     if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "probe server listening");
+        info!(event = "probe_server_listening", %addr, "probe server listening");
     }
 }
 
@@ -136,10 +136,11 @@ impl Context {
         match verdict {
             GateState::Waiting => return true,
             GateState::Open => info!(
+                event = "gate_opened",
                 probes = gate.probes,
                 "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
             ),
-            GateState::TimedOut => warn!(
+            GateState::TimedOut => warn!(event = "gate_timed_out",
                 timeout_ms = gate.timeout.as_millis() as u64,
                 waiting_for = ?checkers.holding_the_gate(now, gate.probes),
                 "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
@@ -197,7 +198,7 @@ pub async fn serve(
 /// descriptors, and backs off instead of spinning.
 async fn accept_failed(error: &std::io::Error, warnings: &mut Throttle, registry: &SharedRegistry) {
     if let Some(left_out) = warnings.occurred(Instant::now()) {
-        warn!(error = %error, repeated = left_out, "probe server accept failed");
+        warn!(event = "probe_accept_failed", error = %error, repeated = left_out, "probe server accept failed");
     }
     if matches!(
         error.raw_os_error(),
@@ -241,7 +242,7 @@ impl Connection {
         let (id, peer, server) = (self.id, self.peer, self.server.clone());
         tokio::select! {
             () = self.serve_once_it_speaks() => {}
-            () = cut.notified() => debug!(%peer, "probe connection cut to make room for another"),
+            () = cut.notified() => debug!(event = "probe_connection_cut", %peer, "probe connection cut to make room for another"),
         }
         if connections::lock(&server.registry).close(id) {
             connections::give_back_memory();
@@ -275,7 +276,7 @@ impl Connection {
             .serve_connection(TokioIo::new(self.stream), service)
             .await;
         if let Err(e) = served {
-            debug!(%peer, error = %e, "probe connection ended with an error");
+            debug!(event = "probe_connection_error", %peer, error = %e, "probe connection ended with an error");
         }
     }
 

@@ -85,7 +85,7 @@ fn parse_and_run() -> u8 {
         Ok(code) => code,
         Err(e) => {
             if tracing::enabled!(tracing::Level::ERROR) {
-                error!(exit_code = e.code, "{e}");
+                error!(event = "startup_failed", exit_code = e.code, "{e}");
             } else {
                 // Even with --log-level off, why nothing started must be said.
                 log_writer::print_line(&format!("drainit: {e}"));

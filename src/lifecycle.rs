@@ -196,6 +196,7 @@ impl Lifecycle {
             },
         });
         info!(
+            event = "phase_changed",
             from = from.name(),
             to = to.name(),
             elapsed_ms = self.drain_elapsed().map(|e| e.as_millis() as u64),

@@ -158,6 +158,7 @@ impl Queue {
             self.batch_written(bytes);
             if drops > 0 && wrote_any {
                 tracing::warn!(
+                    event = "log_lines_dropped",
                     dropped = drops,
                     "{drops} log lines dropped: stderr was not read fast enough"
                 );

@@ -51,6 +51,6 @@ pub fn init(args: &SharedArgs) -> Result<(), StartupError> {
 /// as raw text on stderr.
 fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
-        tracing::error!(panic = %info, "drainit bug: a task panicked");
+        tracing::error!(event = "task_panicked", panic = %info, "drainit bug: a task panicked");
     }));
 }

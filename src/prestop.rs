@@ -16,6 +16,7 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
         Ok(stream) => stream,
         Err(e) => {
             error!(
+                event = "prestop_no_drainit",
                 "no drainit is listening on {addr}: {e} (is drainit this container's ENTRYPOINT, with the same --control / DRAINIT_CONTROL?)"
             );
             return exit::PRESTOP_UNREACHABLE;
@@ -27,6 +28,7 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
             Ok(reply) => reply,
             Err(_) => {
                 error!(
+                    event = "prestop_timed_out",
                     timeout_ms = limit.as_millis() as u64,
                     "gave up waiting for the drain (--timeout)"
                 );
@@ -38,23 +40,30 @@ pub async fn run(addr: &ControlAddr, timeout: Option<Duration>) -> u8 {
     let elapsed_ms = started.elapsed().as_millis() as u64;
     match reply.as_str() {
         control::REPLY_DRAINED => {
-            info!(elapsed_ms, "drain over: the app may be stopped");
+            info!(
+                event = "prestop_drain_over",
+                elapsed_ms, "drain over: the app may be stopped"
+            );
             0
         }
         // drainit exits as soon as the app does, possibly before it could answer.
         control::REPLY_APP_EXITED | "" => {
             info!(
-                elapsed_ms,
-                "the app has already exited: nothing left to drain"
+                event = "prestop_app_gone",
+                elapsed_ms, "the app has already exited: nothing left to drain"
             );
             0
         }
         refused if refused.starts_with(control::REPLY_REFUSED) => {
-            error!("drainit at {addr} {refused} (run the hook as the container's user)");
+            error!(
+                event = "prestop_refused",
+                "drainit at {addr} {refused} (run the hook as the container's user)"
+            );
             exit::PRESTOP_REFUSED
         }
         other => {
             error!(
+                event = "prestop_unexpected_answer",
                 reply = other,
                 "unexpected answer from drainit at {addr} (a different drainit version?)"
             );

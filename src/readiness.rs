@@ -447,7 +447,7 @@ pub async fn run(
         on_check(check, &outcome);
         if !ready && outcome.verdict != Verdict::Pass && reminded.elapsed() >= NOT_READY_REMINDER {
             reminded = Instant::now();
-            warn!(
+            warn!(event = "app_not_ready",
                 check = %check,
                 waited_s = started.elapsed().as_secs(),
                 ever_ready,
@@ -504,10 +504,12 @@ fn report_change(check: &AppCheck, outcome: &Outcome, ever_ready: bool) {
     let (result, detail) = (outcome.verdict.as_str(), outcome.detail.as_str());
     match outcome.verdict {
         Verdict::Pass => {
-            info!(check = %check, duration_ms = outcome.duration.as_millis() as u64, detail, "app check passes")
+            info!(event = "app_check_passed", check = %check, duration_ms = outcome.duration.as_millis() as u64, detail, "app check passes")
         }
-        _ if !ever_ready => info!(check = %check, result, detail, "app not ready yet"),
-        _ => warn!(check = %check, result, detail, "app check fails"),
+        _ if !ever_ready => {
+            info!(event = "app_not_ready_yet", check = %check, result, detail, "app not ready yet")
+        }
+        _ => warn!(event = "app_check_failed", check = %check, result, detail, "app check fails"),
     }
 }
 

@@ -73,7 +73,7 @@ impl Reaper {
             return;
         }
         if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-            warn!(error = %e, "cannot become a child subreaper: orphans will go to the real init");
+            warn!(event = "subreaper_unavailable", error = %e, "cannot become a child subreaper: orphans will go to the real init");
         }
     }
 
@@ -87,6 +87,7 @@ impl Reaper {
             } else if !self.waiters.deliver(reaped) {
                 self.orphans_reaped += 1;
                 debug!(
+                    event = "zombie_reaped",
                     pid = reaped.pid.as_raw(),
                     code = reaped.code,
                     "reaped a zombie"
@@ -122,12 +123,12 @@ fn reap_one() -> Option<Reaped> {
             // Stopped/continued children are not reported without WUNTRACED/WCONTINUED.
             Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => None,
             Ok(other) => {
-                info!(status = ?other, "unexpected wait status");
+                info!(event = "unexpected_wait_status", status = ?other, "unexpected wait status");
                 continue;
             }
             Err(Errno::EINTR) => continue,
             Err(e) => {
-                warn!(error = %e, "waitpid failed");
+                warn!(event = "waitpid_failed", error = %e, "waitpid failed");
                 None
             }
         };

@@ -140,6 +140,7 @@ impl Supervisor {
     fn forward(&mut self, signal: i32) {
         let name = signals::name(signal);
         info!(
+            event = "signal_forwarded",
             signal = name,
             elapsed_ms = self.elapsed_ms(),
             "forwarding signal to the app"
@@ -158,12 +159,14 @@ impl Supervisor {
             } => {
                 self.sigterm_during_prestop = true;
                 info!(
+                    event = "sigterm_during_prestop",
                     elapsed_ms = self.elapsed_ms(),
                     "SIGTERM during the prestop drain: the app is stopped when the drain is over"
                 );
             }
             Phase::Drained => {
                 info!(
+                    event = "sigterm_after_prestop",
                     elapsed_ms = self.elapsed_ms(),
                     "SIGTERM after the prestop drain"
                 );
@@ -171,12 +174,14 @@ impl Supervisor {
             }
             Phase::Draining { .. } => {
                 info!(
+                    event = "sigterm_ignored",
                     elapsed_ms = self.elapsed_ms(),
                     "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)"
                 );
             }
             Phase::Stopping => {
                 info!(
+                    event = "sigterm_ignored",
                     elapsed_ms = self.elapsed_ms(),
                     "SIGTERM again: ignored, the app already has its stop signal"
                 );
@@ -190,6 +195,7 @@ impl Supervisor {
         let phase = self.lifecycle.phase();
         if matches!(phase, Phase::Draining { .. } | Phase::Drained) {
             info!(
+                event = "drain_interrupted",
                 signal = signals::name(signal),
                 elapsed_ms = self.elapsed_ms(),
                 "drain cut short: forwarding to the app now"
@@ -222,7 +228,7 @@ impl Supervisor {
         }
         let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
         let kill_at = self.budget.kill_at(started);
-        info!(
+        info!(event = "drain_started",
             trigger = %trigger,
             drain_ms = self.drain_policy.longest().as_millis() as u64,
             kill_after_ms = (kill_at - started).as_millis() as u64,
@@ -258,6 +264,7 @@ impl Supervisor {
             self.stop_app();
         } else {
             info!(
+                event = "waiting_for_sigterm",
                 elapsed_ms = self.elapsed_ms(),
                 "waiting for the kubelet's SIGTERM to stop the app"
             );
@@ -267,7 +274,7 @@ impl Supervisor {
 
     /// Every drain, however it ended, gets one `drain over` line with its evidence.
     fn report_drain_end(&self, end: &DrainEnd) {
-        info!(
+        info!(event = "drain_over",
             reason = end.reason.as_str(),
             elapsed_ms = end.elapsed.as_millis() as u64,
             evidence = %end.report,
@@ -278,6 +285,7 @@ impl Supervisor {
 
     fn on_handoff_timeout(&mut self) {
         warn!(
+            event = "handoff_timed_out",
             elapsed_ms = self.elapsed_ms(),
             "no SIGTERM within {PRESTOP_HANDOFF:?} of the prestop drain: stopping the app anyway"
         );
@@ -286,6 +294,7 @@ impl Supervisor {
 
     fn stop_app(&mut self) {
         info!(
+            event = "stop_signal_sent",
             signal = signals::name(self.stop_signal),
             elapsed_ms = self.elapsed_ms(),
             "sending the stop signal to the app"
@@ -310,6 +319,7 @@ impl Supervisor {
             return;
         }
         warn!(
+            event = "budget_kill",
             elapsed_ms = self.elapsed_ms(),
             pgid = self.app.pid.as_raw(),
             "shutdown budget spent (grace period - 1s): SIGKILL to the app's process group"
@@ -317,6 +327,7 @@ impl Supervisor {
         let open = traffic::lock(&self.observers.traffic).open_connections;
         if open > 0 {
             warn!(
+                event = "open_at_kill",
                 open_connections = open,
                 "connections to the app still open when it was killed"
             );
@@ -335,6 +346,7 @@ impl Supervisor {
         match signal {
             // Killed by a signal before drainit stopped it: a crash, the OOM killer, an operator.
             Some(signal) if self.stop_sent.is_none() => warn!(
+                event = "app_exited",
                 code,
                 signal = signal.as_str(),
                 elapsed_ms = self.elapsed_ms(),
@@ -342,6 +354,7 @@ impl Supervisor {
                 "app exited"
             ),
             _ => info!(
+                event = "app_exited",
                 code,
                 signal = signal.map(Signal::as_str),
                 elapsed_ms = self.elapsed_ms(),
@@ -354,7 +367,10 @@ impl Supervisor {
         if app.kill_leftovers(&reaper.waiters().pids(), || {
             reaper.reap(app.pid);
         }) {
-            warn!("the app left processes behind: killed them");
+            warn!(
+                event = "leftovers_killed",
+                "the app left processes behind: killed them"
+            );
         }
     }
 

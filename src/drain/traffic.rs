@@ -283,7 +283,7 @@ pub async fn monitor(
             let why = format!(
                 "sock_diag unavailable ({e}): only new connections are seen, not requests on kept-alive ones"
             );
-            warn!("traffic watcher: {why}");
+            warn!(event = "traffic_watcher_degraded", "traffic watcher: {why}");
             lock(&traffic).blind_spot = Some(why);
             None
         }
@@ -326,7 +326,7 @@ pub async fn monitor(
             ports_looked_up = Some(Instant::now());
             let mut traffic = lock(&traffic);
             if traffic.ports != ports {
-                info!(ports = ?ports, "traffic watcher: app ports");
+                info!(event = "app_ports_found", ports = ?ports, "traffic watcher: app ports");
                 traffic.ports = ports;
             }
         }
@@ -363,6 +363,7 @@ pub async fn monitor(
         if late > 0 {
             metrics.late_arrivals(late);
             warn!(
+                event = "late_arrival",
                 events = late,
                 elapsed_ms = drain_started.map(|t| t.elapsed().as_millis() as u64),
                 "late arrival: requests reached the app after its stop signal (the drain ended too early)"
@@ -452,7 +453,7 @@ async fn off_thread<T: Default + Send + 'static>(
         // observation changes nothing, and a watcher that stops observing never calls traffic
         // quiet (see `Traffic::quiet_for`).
         Err(e) => {
-            warn!(error = %e, "traffic sampler failed: going on without sock_diag");
+            warn!(event = "sock_diag_failed", error = %e, "traffic sampler failed: going on without sock_diag");
             (None, T::default())
         }
     }
