@@ -1,16 +1,56 @@
-//! `GET /status`: what drainit sees and decided, as JSON, for operators (and for tuning drains).
+//! The admin endpoints, for operators: `GET /status`, what drainit sees and decided as JSON (and
+//! for tuning drains), and `GET /metrics` for Prometheus. They render what others publish; the
+//! probe server accepts their requests and hands them here.
 
-use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::time::Instant;
 
 use serde_json::{Value, json};
 
 use crate::drain::{DrainPolicy, Observers, traffic};
-use crate::health::Context;
 use crate::lifecycle::State;
-use crate::readiness;
+use crate::metrics::{self, Metrics};
+use crate::readiness::{self, ReadinessConfig, SharedCheckLog, StartupGate};
 
-/// The live state of drainit, its app check and its watchers.
+/// What the admin endpoints render besides the lifecycle and the observers: fixed at start-up,
+/// or shared state they read.
+#[derive(Debug)]
+pub struct Context {
+    pub started: Instant,
+    pub app_pid: i32,
+    pub drain: DrainPolicy,
+    pub readiness: ReadinessConfig,
+    pub check_log: SharedCheckLog,
+    pub startup_gate: Option<StartupGate>,
+    /// Whether the start-up gate has opened, as the probe server latched it.
+    pub gate_opened: Arc<AtomicBool>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One admin page, ready to serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+/// The page at `path`, or `None` when `path` is not an admin endpoint.
+pub fn page(path: &str, state: State, observers: &Observers, context: &Context) -> Option<Page> {
+    match path {
+        "/status" => Some(Page {
+            content_type: "application/json",
+            body: render(state, observers, context).to_string() + "\n",
+        }),
+        "/metrics" => Some(Page {
+            content_type: metrics::CONTENT_TYPE,
+            body: context.metrics.render(),
+        }),
+        _ => None,
+    }
+}
+
+/// `/status`: the live state of drainit, its app check and its watchers.
 pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
     let now = Instant::now();
     let (policy, threshold, quiet) = match &context.drain {
@@ -35,17 +75,17 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
     let threshold_or_default = threshold.unwrap_or(2);
     let checkers = observers.checkers();
     let traffic = traffic::lock(&observers.traffic);
-    let origin = state.drain_started.unwrap_or(now);
+    let origin = state.drain_started().unwrap_or(now);
     let quiet = quiet.map(|(period, max)| period.resolve(traffic.rate(origin), max));
     let mut traffic_view = traffic.status(now, quiet.as_ref().map(|(d, why)| (*d, why.as_str())));
-    if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started) {
+    if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started()) {
         traffic_view["drained"] = json!(traffic.quiet_for(started) >= *period);
     }
     json!({
-        "phase": state.phase.name(),
+        "phase": state.kind().label(),
         "uptime_ms": context.started.elapsed().as_millis() as u64,
         "app_pid": context.app_pid,
-        "drain_elapsed_ms": state.drain_started.map(|t| t.elapsed().as_millis() as u64),
+        "drain_elapsed_ms": state.drain_started().map(|t| t.elapsed().as_millis() as u64),
         "drain_policy": policy,
         "traffic": traffic_view,
         "app_check": readiness::lock(&context.check_log).status(&context.readiness, now),
@@ -56,8 +96,8 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
         })),
         "lb_probes": {
             "unhealthy_threshold": threshold,
-            "drained": threshold.and(state.drain_started).map(|t| checkers.drained(now, t, threshold_or_default)),
-            "checkers": checkers.status(now, state.drain_started, threshold_or_default),
+            "drained": threshold.and(state.drain_started()).map(|t| checkers.drained(now, t, threshold_or_default)),
+            "checkers": checkers.status(now, state.drain_started(), threshold_or_default),
             "checkers_dropped": checkers.dropped,
         },
     })

@@ -1,6 +1,6 @@
-//! The `lb-probes` watcher: the load balancers' own health checks of `/ready`, one record per
-//! checker. Once every load balancer that was checking has seen enough 503s to take the pod out
-//! of rotation (or has stopped checking), it no longer sends traffic here.
+//! The load balancers seen checking `/ready`: one record per checker, in bounded room, and only
+//! credible ones (clients that probe like a load balancer) count. The probe server fills it; the
+//! `lb-probes` drain watcher ([`crate::drain::lb_probes`]) and the start-up gate read it.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,7 +39,7 @@ const MAX_CHECKERS_PER_ADDRESS: usize = 8;
 /// The kubelet is tracked apart, in a table of its own this size (only shown in `/status`).
 const MAX_KUBELETS: usize = 8;
 /// Lists of checkers in the log name this many, then how many more.
-const MAX_NAMED: usize = 10;
+pub const MAX_NAMED: usize = 10;
 /// User-Agents of tools people and scripts use, never of a load balancer: their requests do not
 /// make a checker (a `curl` of /ready while debugging, a monitoring script).
 const TOOL_AGENTS: [&str; 7] = [
@@ -99,8 +99,46 @@ pub fn may_be_load_balancer(agent: &str) -> bool {
     !is_kubelet(agent) && !is_tool(agent)
 }
 
+/// Who sent a request, as the probe metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckerKind {
+    Kubelet,
+    LoadBalancer,
+    /// Tools, scripts, and anything asking for a path a load balancer does not check.
+    Other,
+}
+
+impl CheckerKind {
+    pub const ALL: [CheckerKind; 3] = [
+        CheckerKind::Kubelet,
+        CheckerKind::LoadBalancer,
+        CheckerKind::Other,
+    ];
+
+    /// The sender of `agent`, asking a probe path (`/alive`, `/ready`) or not.
+    pub fn of(agent: &str, probe_path: bool) -> Self {
+        if is_kubelet(agent) {
+            CheckerKind::Kubelet
+        } else if probe_path && may_be_load_balancer(agent) {
+            CheckerKind::LoadBalancer
+        } else {
+            CheckerKind::Other
+        }
+    }
+
+    /// The `checker` label of the probe metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckerKind::Kubelet => "kubelet",
+            CheckerKind::LoadBalancer => "load_balancer",
+            CheckerKind::Other => "other",
+        }
+    }
+}
+
+/// What drainit knows of one checker: its probes, their rhythm and what it was told.
 #[derive(Debug, Clone)]
-struct Checker {
+pub struct Checker {
     last_seen: Instant,
     probes: u64,
     /// Smoothed gap between its probes, once it has probed twice.
@@ -146,6 +184,19 @@ impl Checker {
         self.probes += 1;
         self.last_seen = at;
         self.credible |= self.steady_gaps + 1 >= CREDIBLE_PROBES;
+    }
+
+    /// Where it stands in a drain, as of `now`: `threshold` consecutive 503s take it out.
+    pub fn state(&self, now: Instant, threshold: u32) -> CheckerState {
+        if self.failures_since_drain >= threshold {
+            return CheckerState::SawUnhealthy;
+        }
+        let silent = now.saturating_duration_since(self.last_seen);
+        match self.interval {
+            Some(interval) if silent > interval * STOPPED_AFTER_INTERVALS => CheckerState::Stopped,
+            None if silent > ONE_OFF_AFTER => CheckerState::Stopped,
+            _ => CheckerState::Pending,
+        }
     }
 }
 
@@ -214,21 +265,9 @@ impl Checkers {
         table.get_mut(&id)
     }
 
-    fn state(checker: &Checker, now: Instant, threshold: u32) -> CheckerState {
-        if checker.failures_since_drain >= threshold {
-            return CheckerState::SawUnhealthy;
-        }
-        let silent = now.saturating_duration_since(checker.last_seen);
-        match checker.interval {
-            Some(interval) if silent > interval * STOPPED_AFTER_INTERVALS => CheckerState::Stopped,
-            None if silent > ONE_OFF_AFTER => CheckerState::Stopped,
-            _ => CheckerState::Pending,
-        }
-    }
-
     /// The load balancers (not the kubelet, not a tool, only clients that probed like one) that
     /// were checking around the drain.
-    fn load_balancers(
+    pub fn load_balancers(
         &self,
         drain_started: Instant,
     ) -> impl Iterator<Item = (&CheckerId, &Checker)> {
@@ -237,31 +276,11 @@ impl Checkers {
         })
     }
 
-    /// Drained when no load balancer is still pending. With none seen at all, there is nothing
-    /// to wait for.
-    pub fn drained(&self, now: Instant, drain_started: Instant, threshold: u32) -> bool {
-        self.load_balancers(drain_started)
-            .all(|(_, c)| Self::state(c, now, threshold) != CheckerState::Pending)
-    }
-
     /// Start-up: whether load balancers have taken the pod into rotation, as of `now`: at least
     /// one is checking, and every one seen in the last minute has had `needed` consecutive 200s.
     pub fn all_healthy(&self, now: Instant, needed: u32) -> bool {
         let mut recent = self.load_balancers(now).peekable();
         recent.peek().is_some() && recent.all(|(_, c)| c.successes >= needed)
-    }
-
-    /// The load balancers still holding the drain, as `address User-Agent`, for the log.
-    pub fn holding_the_drain(
-        &self,
-        now: Instant,
-        drain_started: Instant,
-        threshold: u32,
-    ) -> Vec<String> {
-        self.named(
-            self.load_balancers(drain_started)
-                .filter(|(_, c)| Self::state(c, now, threshold) == CheckerState::Pending),
-        )
     }
 
     /// The load balancers still holding the start-up gate, for the log.
@@ -273,7 +292,7 @@ impl Checkers {
     }
 
     /// `address User-Agent` of each, sorted; past [`MAX_NAMED`], how many more.
-    fn named<'a>(
+    pub fn named<'a>(
         &self,
         checkers: impl Iterator<Item = (&'a CheckerId, &'a Checker)>,
     ) -> Vec<String> {
@@ -314,7 +333,7 @@ impl Checkers {
                     Some(_) if id.is_kubelet() => "kubelet",
                     Some(_) if id.is_tool() => "tool",
                     Some(_) if !c.credible => "not-a-load-balancer",
-                    Some(_) => match Self::state(c, now, threshold) {
+                    Some(_) => match c.state(now, threshold) {
                         CheckerState::Pending => "pending",
                         CheckerState::SawUnhealthy => "saw-unhealthy",
                         CheckerState::Stopped => "stopped",
@@ -363,12 +382,12 @@ fn evictable(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MS: fn(u64) -> Duration = Duration::from_millis;
+    pub(crate) const MS: fn(u64) -> Duration = Duration::from_millis;
 
-    fn id(addr: &str, agent: &str) -> CheckerId {
+    pub(crate) fn id(addr: &str, agent: &str) -> CheckerId {
         CheckerId {
             addr: addr.parse().unwrap(),
             agent: agent.into(),
@@ -377,7 +396,7 @@ mod tests {
 
     /// Probes from `checker` every `every` from `from`, `n` times, answered `ready` before
     /// `drain` and 503 after it.
-    fn probe(
+    pub(crate) fn probe(
         checkers: &mut Checkers,
         checker: &CheckerId,
         from: Instant,
@@ -389,95 +408,6 @@ mod tests {
             let at = from + every * i;
             checkers.record(checker.clone(), at, at < drain, at >= drain);
         }
-    }
-
-    #[test]
-    fn drained_once_every_load_balancer_saw_the_threshold_of_503s() {
-        let t0 = Instant::now();
-        let drain = t0 + MS(5000);
-        let (alb_a, alb_b) = (
-            id("10.0.0.1", "ELB-HealthChecker/2.0"),
-            id("10.0.0.2", "ELB-HealthChecker/2.0"),
-        );
-        let mut checkers = Checkers::default();
-        // a checks every 1 s and has seen two 503s by 6.0 s; b checks every 2 s, one 503 at 6.0 s.
-        probe(&mut checkers, &alb_a, t0, MS(1000), 7, drain);
-        probe(&mut checkers, &alb_b, t0, MS(2000), 4, drain);
-        assert_eq!(checkers.load_balancer_count(drain), 2);
-        assert!(
-            !checkers.drained(t0 + MS(6100), drain, 2),
-            "b has seen only one 503"
-        );
-        checkers.record(alb_b.clone(), t0 + MS(8000), false, true);
-        assert!(checkers.drained(t0 + MS(8100), drain, 2));
-        assert!(
-            !checkers.drained(t0 + MS(8100), drain, 3),
-            "threshold 3 needs a third 503 from each"
-        );
-    }
-
-    #[test]
-    fn a_ready_answer_resets_the_count() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.1", "HAProxy");
-        let mut checkers = Checkers::default();
-        checkers.record(lb.clone(), t0, false, true);
-        checkers.record(lb.clone(), t0 + MS(500), true, true);
-        checkers.record(lb.clone(), t0 + MS(1000), false, true);
-        assert!(!checkers.drained(t0 + MS(1100), t0, 2));
-    }
-
-    #[test]
-    fn a_checker_that_stopped_checking_is_drained() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.9", "");
-        let mut checkers = Checkers::default();
-        probe(&mut checkers, &lb, t0, MS(500), 10, t0 + MS(10_000));
-        let last = t0 + MS(4500);
-        assert!(
-            !checkers.drained(last + MS(900), t0 + MS(4600), 2),
-            "within twice its interval"
-        );
-        assert!(
-            checkers.drained(last + MS(1100), t0 + MS(4600), 2),
-            "silent for over twice its interval"
-        );
-    }
-
-    #[test]
-    fn the_kubelet_is_tracked_apart_and_never_waited_for() {
-        let t0 = Instant::now();
-        let mut checkers = Checkers::default();
-        probe(
-            &mut checkers,
-            &id("10.0.0.5", "kube-probe/1.31"),
-            t0,
-            MS(1000),
-            20,
-            t0 + MS(5000),
-        );
-        assert_eq!(checkers.load_balancer_count(t0 + MS(5000)), 0);
-        assert!(checkers.drained(t0 + MS(5001), t0 + MS(5000), 2));
-        assert_eq!(checkers.last_load_balancer_probe(), None);
-        let status = checkers.status(t0 + MS(6000), Some(t0 + MS(5000)), 2);
-        assert_eq!(status[0]["state"], "kubelet");
-    }
-
-    #[test]
-    fn a_checker_gone_long_before_the_drain_is_not_waited_for() {
-        let t0 = Instant::now();
-        let mut checkers = Checkers::default();
-        probe(
-            &mut checkers,
-            &id("10.0.0.7", "HAProxy"),
-            t0,
-            MS(1000),
-            3,
-            t0 + MS(999_999),
-        );
-        let drain = t0 + MS(120_000);
-        assert_eq!(checkers.load_balancer_count(drain), 0);
-        assert!(checkers.drained(drain, drain, 2));
     }
 
     #[test]
@@ -502,20 +432,6 @@ mod tests {
         checkers.record(a.clone(), t0 + MS(2000), true, false);
         checkers.record(b.clone(), t0 + MS(2000), true, false);
         assert!(checkers.all_healthy(t0 + MS(2000), 2));
-    }
-
-    #[test]
-    fn one_or_two_probes_or_a_burst_never_hold_the_drain() {
-        let t0 = Instant::now();
-        let (script, burst) = (id("10.0.0.3", ""), id("10.0.0.4", "x"));
-        let mut checkers = Checkers::default();
-        checkers.record(script.clone(), t0, true, false);
-        checkers.record(script.clone(), t0 + MS(1000), true, false);
-        probe(&mut checkers, &burst, t0, MS(5), 20, t0 + MS(100_000));
-        assert!(checkers.drained(t0 + MS(1100), t0 + MS(1100), 2));
-        assert_eq!(checkers.load_balancer_count(t0 + MS(1100)), 0);
-        let status = checkers.status(t0 + MS(1100), Some(t0 + MS(1100)), 2);
-        assert_eq!(status[0]["state"], "not-a-load-balancer");
     }
 
     #[test]
@@ -602,19 +518,6 @@ mod tests {
         let checker = CheckerId::new("10.0.0.1".parse().unwrap(), &long);
         assert!(checker.agent.len() <= MAX_AGENT_BYTES);
         assert!(checker.agent.len() >= MAX_AGENT_BYTES - 1);
-    }
-
-    #[test]
-    fn log_lists_name_a_few_and_count_the_rest() {
-        let t0 = Instant::now();
-        let mut checkers = Checkers::default();
-        for i in 0..30 {
-            let lb = id(&format!("10.3.0.{i}"), "HAProxy");
-            probe(&mut checkers, &lb, t0, MS(1000), 3, t0 + MS(100_000));
-        }
-        let pending = checkers.holding_the_drain(t0 + MS(2100), t0 + MS(2050), 2);
-        assert_eq!(pending.len(), MAX_NAMED + 1);
-        assert_eq!(pending[MAX_NAMED], "and 20 more");
     }
 
     #[test]

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use serde_json::{Value, json};
 use tracing::warn;
 
-use self::lb_probes::Checkers;
 use self::traffic::{QuietPeriod, SharedTraffic};
+use crate::checkers::Checkers;
 
 /// After a `drainit prestop` drain the kubelet sends SIGTERM as soon as the hook returns. If none
 /// arrives by this long after the drain (the hook was run by hand), drainit stops the app itself.
@@ -91,6 +91,15 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    pub const ALL: [EndReason; 6] = [
+        EndReason::Delay,
+        EndReason::Watchers,
+        EndReason::Floor,
+        EndReason::Cap,
+        EndReason::Interrupted,
+        EndReason::NeverReady,
+    ];
+
     /// The `reason` label of the drain metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -317,7 +326,7 @@ mod tests {
     use super::*;
     use std::net::IpAddr;
 
-    use lb_probes::CheckerId;
+    use crate::checkers::CheckerId;
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 

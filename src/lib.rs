@@ -1,31 +1,33 @@
 //! drainit: a PID-1 wrapper that drains a Kubernetes pod before stopping its app.
 //!
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
-//! signal handlers ([`signals`]) so none is lost, bind the probe port ([`health`]) and the control
+//! signal handlers ([`signals`]) so none is lost, bind the probe port ([`probes`]) and the control
 //! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
 //! everything to the [`supervisor`], which drives the [`lifecycle`] state machine: reaping
-//! ([`reaper`]), draining ([`drain`]) and the shutdown budget.
+//! ([`reaper`]), draining ([`drain`]) and the shutdown budget. The probe port also serves the
+//! [`admin`] endpoints.
 
+pub mod admin;
 pub mod app;
 pub mod budget;
+pub mod checkers;
 pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod drain;
 pub mod exit;
-pub mod health;
 pub mod lifecycle;
 pub mod listening;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
+pub mod probes;
 pub mod process_tree;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;
-pub mod status;
 pub mod supervisor;
 pub mod sync;
 pub mod tcp;
@@ -130,36 +132,45 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     // handled, not met with its default action. (The runtime's blocking threads start later, from
     // this thread, and inherit the cleared mask.)
     let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
-    let probes = health::bind(config.health_listen)?;
+    let probes = probes::bind(config.health_listen)?;
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let reaper = Reaper::default();
     let app = App::spawn(&config.command, config.forward_to_group)
         .inspect_err(|_| shared.control.remove_socket_file())?;
-    health::announce(&probes);
+    probes::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
-    let mut lifecycle = Lifecycle::new(metrics.clone());
+    let mut lifecycle = Lifecycle::new();
+    let phase = lifecycle.subscribe();
+    metrics.read_phase_from(move || phase.borrow().kind());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
     let (readiness, check_log) =
         watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
     let (drain_tx, drain_rx) = mpsc::channel(8);
-    let context = health::Context {
+    let gate_opened = Arc::new(AtomicBool::new(false));
+    let context = probes::Context {
+        startup_gate: config.startup_gate,
+        gate_opened: gate_opened.clone(),
+        metrics: metrics.clone(),
+        lb_sources: config.lb_sources.clone(),
+    };
+    let admin = admin::Context {
         started,
         app_pid: app.pid.as_raw(),
         drain: config.drain.clone(),
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
-        gate_opened: AtomicBool::new(false),
+        gate_opened,
         metrics: metrics.clone(),
-        lb_sources: config.lb_sources.clone(),
     };
-    tokio::spawn(health::serve(
+    tokio::spawn(probes::serve(
         probes,
         lifecycle.subscribe(),
         observers.clone(),
         context,
+        admin,
     ));
     tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
@@ -199,9 +210,7 @@ fn watch_readiness(
         check_log.clone(),
         verdicts,
         lifecycle.subscribe(),
-        move |check, outcome| {
-            metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
-        },
+        move |check, outcome| metrics.app_check(check.kind(), outcome.verdict, outcome.duration),
     ));
     (readiness, check_log)
 }
@@ -227,7 +236,7 @@ fn observe_traffic(
         config.app_ports.clone(),
         own_port,
         lifecycle.subscribe(),
-        metrics,
+        metrics.late_arrivals(),
     ));
     observers
 }

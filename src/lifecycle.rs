@@ -5,14 +5,12 @@
 //! supervisor decided.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
 use tracing::info;
 
 /// What started the drain.
@@ -40,6 +38,42 @@ pub enum Phase {
     Stopping,
     /// The app is gone; drainit exits with `code`.
     Exited { code: u8 },
+}
+
+/// The phase without its data: what `/ready` names and the `state` label of the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PhaseKind {
+    Starting,
+    Ready,
+    Unready,
+    Draining,
+    Drained,
+    Stopping,
+    Exited,
+}
+
+impl PhaseKind {
+    pub const ALL: [PhaseKind; 7] = [
+        PhaseKind::Starting,
+        PhaseKind::Ready,
+        PhaseKind::Unready,
+        PhaseKind::Draining,
+        PhaseKind::Drained,
+        PhaseKind::Stopping,
+        PhaseKind::Exited,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PhaseKind::Starting => "starting",
+            PhaseKind::Ready => "ready",
+            PhaseKind::Unready => "unready",
+            PhaseKind::Draining => "draining",
+            PhaseKind::Drained => "drained",
+            PhaseKind::Stopping => "stopping",
+            PhaseKind::Exited => "exited",
+        }
+    }
 }
 
 /// Things that move the lifecycle forward.
@@ -102,14 +136,18 @@ impl Phase {
     }
 
     pub fn name(&self) -> &'static str {
+        self.kind().label()
+    }
+
+    pub fn kind(&self) -> PhaseKind {
         match self {
-            Phase::Starting => "starting",
-            Phase::Ready => "ready",
-            Phase::Unready => "unready",
-            Phase::Draining { .. } => "draining",
-            Phase::Drained => "drained",
-            Phase::Stopping => "stopping",
-            Phase::Exited { .. } => "exited",
+            Phase::Starting => PhaseKind::Starting,
+            Phase::Ready => PhaseKind::Ready,
+            Phase::Unready => PhaseKind::Unready,
+            Phase::Draining { .. } => PhaseKind::Draining,
+            Phase::Drained => PhaseKind::Drained,
+            Phase::Stopping => PhaseKind::Stopping,
+            Phase::Exited { .. } => PhaseKind::Exited,
         }
     }
 }
@@ -139,22 +177,57 @@ pub struct State {
     pub ready_since: Option<Instant>,
 }
 
-/// The writer's side: applies events, logs each transition, publishes the state.
+/// The lifecycle's facts, read only through these (the probe server, `/status`, the metrics).
+impl State {
+    pub fn kind(&self) -> PhaseKind {
+        self.phase.kind()
+    }
+
+    pub fn drain_started(&self) -> Option<Instant> {
+        self.drain_started
+    }
+
+    pub fn ready_since(&self) -> Option<Instant> {
+        self.ready_since
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.phase.is_ready()
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.phase.is_alive()
+    }
+
+    pub fn drain_has_started(&self) -> bool {
+        self.phase.drain_has_started()
+    }
+
+    pub fn drain_is_over(&self) -> bool {
+        self.phase.drain_is_over()
+    }
+}
+
+/// The writer's side: applies events, logs each transition, publishes the state (the metrics
+/// read it from the channel).
 pub struct Lifecycle {
     state: watch::Sender<State>,
-    metrics: Arc<Metrics>,
+}
+
+impl Default for Lifecycle {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Lifecycle {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.set_phase(Phase::Starting.name());
+    pub fn new() -> Self {
         Self {
             state: watch::Sender::new(State {
                 phase: Phase::Starting,
                 drain_started: None,
                 ready_since: None,
             }),
-            metrics,
         }
     }
 
@@ -183,7 +256,6 @@ impl Lifecycle {
         };
         let before = *self.state.borrow();
         let now = Instant::now();
-        self.metrics.set_phase(to.name());
         self.state.send_replace(State {
             phase: to,
             drain_started: match event {
@@ -308,7 +380,7 @@ mod tests {
 
     #[test]
     fn the_writer_records_the_drain_start_once() {
-        let mut lifecycle = Lifecycle::new(Arc::new(Metrics::new()));
+        let mut lifecycle = Lifecycle::new();
         let reader = lifecycle.subscribe();
         assert!(lifecycle.apply(AppReady));
         assert!(lifecycle.drain_started().is_none());

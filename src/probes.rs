@@ -1,5 +1,6 @@
-//! The probe server: `/alive` and `/ready` for the kubelet and load balancers, `/status` for
-//! operators.
+//! The probe server: `/alive` and `/ready` for the kubelet and load balancers. It also accepts
+//! the operators' `/status` and `/metrics` requests, on the same port, and hands them to
+//! [`crate::admin`].
 //!
 //! Each answer is read from the lifecycle channel at request time. Connections are handled on
 //! their own tasks with bounded header time and a bounded count, so a slow or hostile client can
@@ -27,14 +28,14 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
+use crate::admin::{self, Page};
+use crate::checkers::{CheckerId, CheckerKind, Checkers};
 use crate::cidr::Cidr;
-use crate::drain::lb_probes::{self, CheckerId, Checkers};
-use crate::drain::{DrainPolicy, Observers};
+use crate::drain::Observers;
 use crate::exit::StartupError;
-use crate::lifecycle::{Phase, State};
-use crate::metrics::{self, Metrics};
-use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
-use crate::status;
+use crate::lifecycle::State;
+use crate::metrics::Metrics;
+use crate::readiness::{GateState, StartupGate};
 use crate::throttle::Throttle;
 
 use self::connections::{Registry, SharedRegistry};
@@ -98,15 +99,10 @@ pub fn announce(listener: &TcpListener) {
 /// What the probe server needs besides the lifecycle: fixed at start-up, or shared state it reads.
 #[derive(Debug)]
 pub struct Context {
-    pub started: Instant,
-    pub app_pid: i32,
-    pub drain: DrainPolicy,
-    pub readiness: ReadinessConfig,
-    pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,
     /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
-    /// balancers' checks.
-    pub gate_opened: AtomicBool,
+    /// balancers' checks. Shared with `/status`, which shows it.
+    pub gate_opened: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
     /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
     pub lb_sources: Vec<Cidr>,
@@ -151,12 +147,13 @@ impl Context {
     }
 }
 
-/// Serves probes until the process exits.
+/// Serves probes, and the admin endpoints, until the process exits.
 pub async fn serve(
     listener: TcpListener,
     state: watch::Receiver<State>,
     observers: Observers,
     context: Context,
+    admin: admin::Context,
 ) {
     let registry: SharedRegistry = Arc::new(std::sync::Mutex::new(Registry::new(
         connections::capacity(),
@@ -168,6 +165,7 @@ pub async fn serve(
         state,
         observers,
         context,
+        admin,
         registry,
     });
     let mut accept_failures = Throttle::new(ACCEPT_WARNING_EVERY);
@@ -214,6 +212,7 @@ struct Server {
     state: watch::Receiver<State>,
     observers: Observers,
     context: Context,
+    admin: admin::Context,
     registry: SharedRegistry,
 }
 
@@ -265,7 +264,7 @@ impl Connection {
             connections::lock(&server.registry).touch(id, Instant::now());
             // Copied out first: the watch channel's read lock is not held while answering.
             let current = *server.state.borrow();
-            let response = handle(&request, peer, current, &server.observers, &server.context);
+            let response = handle(&request, peer, current, &server);
             async move { Ok::<_, Infallible>(response) }
         });
         let served = http1::Builder::new()
@@ -317,29 +316,33 @@ fn request_head_is_complete(stream: &TcpStream) -> bool {
     usize::try_from(peeked).is_ok_and(|n| head[..n].windows(4).any(|w| w == b"\r\n\r\n"))
 }
 
-/// Answers one request and, for `/ready`, records who checked and what they were told: that is
-/// the `lb-probes` watcher's evidence.
+/// Answers one request: a read of an admin endpoint from [`admin`], anything else as a probe
+/// (for `/ready`, recording who checked and what they were told: that is the `lb-probes`
+/// watcher's evidence).
 fn handle(
     request: &Request<Incoming>,
     peer: IpAddr,
     state: State,
-    observers: &Observers,
-    context: &Context,
+    server: &Server,
 ) -> Response<Full<Bytes>> {
     let asked = Asked::from(request);
-    let response = match asked.path {
-        "/status" if asked.reads => {
-            let body = status::render(state, observers, context).to_string() + "\n";
-            with_body(StatusCode::OK, "application/json", body)
-        }
-        "/metrics" if asked.reads => with_body(
-            StatusCode::OK,
-            metrics::CONTENT_TYPE,
-            context.metrics.render(),
+    let admin_page = asked
+        .reads
+        .then(|| admin::page(asked.path, state, &server.observers, &server.admin))
+        .flatten();
+    let response = match admin_page {
+        Some(Page { content_type, body }) => with_body(StatusCode::OK, content_type, body),
+        None => probe(
+            request,
+            &asked,
+            peer,
+            state,
+            &server.observers,
+            &server.context,
         ),
-        _ => probe(request, &asked, peer, state, observers, context),
     };
-    context
+    server
+        .context
         .metrics
         .probe(asked.path, response.status().as_u16(), asked.checker_kind());
     response
@@ -369,12 +372,8 @@ impl<'a> From<&'a Request<Incoming>> for Asked<'a> {
 
 impl Asked<'_> {
     /// For the probe metrics: who asked.
-    fn checker_kind(&self) -> &'static str {
-        match self.path {
-            _ if lb_probes::is_kubelet(self.agent) => "kubelet",
-            "/ready" | "/alive" if lb_probes::may_be_load_balancer(self.agent) => "load_balancer",
-            _ => "other",
-        }
+    fn checker_kind(&self) -> CheckerKind {
+        CheckerKind::of(self.agent, matches!(self.path, "/ready" | "/alive"))
     }
 }
 
@@ -392,7 +391,7 @@ fn probe(
     let now = Instant::now();
     let held = asked.path == "/ready"
         && checker.is_kubelet()
-        && state.phase.is_ready()
+        && state.is_ready()
         && context.gate_holds(&observers.checkers(), state, now);
     let response = if held {
         plain(
@@ -400,31 +399,31 @@ fn probe(
             "not ready: waiting for the load balancers (start-up gate)\n",
         )
     } else {
-        respond(request, state.phase)
+        respond(request, state)
     };
     if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()
-            .record(checker, now, ready, state.phase.drain_has_started());
+            .record(checker, now, ready, state.drain_has_started());
     }
     response
 }
 
-/// The answer to one probe request, given the current phase.
-pub fn respond(request: &Request<Incoming>, phase: Phase) -> Response<Full<Bytes>> {
+/// The answer to one probe request, given the lifecycle's state.
+pub fn respond(request: &Request<Incoming>, state: State) -> Response<Full<Bytes>> {
     let wants_json = request
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/json"));
-    answer(request.method(), request.uri().path(), wants_json, phase)
+    answer(request.method(), request.uri().path(), wants_json, state)
 }
 
-fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Response<Full<Bytes>> {
+fn answer(method: &Method, path: &str, wants_json: bool, state: State) -> Response<Full<Bytes>> {
     let (probe, healthy) = match path {
-        "/alive" => ("alive", phase.is_alive()),
-        "/ready" => ("ready", phase.is_ready()),
+        "/alive" => ("alive", state.is_alive()),
+        "/ready" => ("ready", state.is_ready()),
         _ => {
             return plain(
                 StatusCode::NOT_FOUND,
@@ -447,8 +446,9 @@ fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Respon
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    let phase = state.kind().label();
     if wants_json {
-        let body = serde_json::json!({ probe: healthy, "phase": phase.name() }).to_string() + "\n";
+        let body = serde_json::json!({ probe: healthy, "phase": phase }).to_string() + "\n";
         return with_body(status, "application/json", body);
     }
     let verdict = if healthy {
@@ -479,10 +479,18 @@ fn with_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::DrainTrigger;
+    use crate::lifecycle::{DrainTrigger, Phase};
+
+    fn at(phase: Phase) -> State {
+        State {
+            phase,
+            drain_started: None,
+            ready_since: None,
+        }
+    }
 
     fn status(method: Method, path: &str, phase: Phase) -> StatusCode {
-        answer(&method, path, false, phase).status()
+        answer(&method, path, false, at(phase)).status()
     }
 
     #[test]
@@ -529,7 +537,7 @@ mod tests {
 
     #[test]
     fn json_names_the_phase() {
-        let response = answer(&Method::GET, "/ready", true, Phase::Drained);
+        let response = answer(&Method::GET, "/ready", true, at(Phase::Drained));
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::app;
-use crate::drain::lb_probes::Checkers;
+use crate::checkers::Checkers;
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
 use crate::listening::{self, ListenCheck};
@@ -137,16 +137,41 @@ impl AppCheck {
         Ok(AppCheck::Exec(argv))
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CheckKind {
         match self {
-            AppCheck::Http(_) => "http",
-            AppCheck::Tcp(_) => "tcp",
-            AppCheck::Exec(_) => "exec",
-            AppCheck::Listen(_) => "listen",
+            AppCheck::Http(_) => CheckKind::Http,
+            AppCheck::Tcp(_) => CheckKind::Tcp,
+            AppCheck::Exec(_) => CheckKind::Exec,
+            AppCheck::Listen(_) => CheckKind::Listen,
         }
     }
+}
 
-    pub const KINDS: [&'static str; 4] = ["http", "tcp", "exec", "listen"];
+/// The kind of an [`AppCheck`]: the `kind` label of the app check metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    Http,
+    Tcp,
+    Exec,
+    Listen,
+}
+
+impl CheckKind {
+    pub const ALL: [CheckKind; 4] = [
+        CheckKind::Http,
+        CheckKind::Tcp,
+        CheckKind::Exec,
+        CheckKind::Listen,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckKind::Http => "http",
+            CheckKind::Tcp => "tcp",
+            CheckKind::Exec => "exec",
+            CheckKind::Listen => "listen",
+        }
+    }
 }
 
 /// A check with what it needs to run: the reaper's waiters (exec) and what it has seen of the
@@ -324,7 +349,10 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn as_str(self) -> &'static str {
+    pub const ALL: [Verdict; 3] = [Verdict::Pass, Verdict::Fail, Verdict::Timeout];
+
+    /// The `result` label of the app check metrics, and the word in logs and `/status`.
+    pub fn label(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
@@ -407,13 +435,13 @@ impl CheckLog {
             return json!({ "kind": "none", "min_ready_ms": config.min_ready.as_millis() as u64 });
         };
         json!({
-            "kind": check.kind(),
+            "kind": check.kind().label(),
             "target": check.to_string(),
             "interval_ms": config.interval.as_millis() as u64,
             "min_ready_ms": config.min_ready.as_millis() as u64,
             "passing_for_ms": self.passing_since.map(|t| now.saturating_duration_since(t).as_millis() as u64),
             "last": self.last.as_ref().map(|o| json!({
-                "result": o.verdict.as_str(),
+                "result": o.verdict.label(),
                 "detail": o.detail,
                 "duration_ms": o.duration.as_secs_f64() * 1000.0,
                 "ms_ago": now.saturating_duration_since(o.at).as_millis() as u64,
@@ -451,7 +479,7 @@ pub async fn run(
                 check = %check,
                 waited_s = started.elapsed().as_secs(),
                 ever_ready,
-                result = outcome.verdict.as_str(),
+                result = outcome.verdict.label(),
                 detail = outcome.detail,
                 "app not ready: /ready answers 503 until the app check passes"
             );
@@ -501,7 +529,7 @@ pub const NOT_READY_REMINDER: Duration = Duration::from_secs(10);
 /// A check that has not passed yet is the normal state of an app starting up; one that fails
 /// after the app was ready takes it out of rotation and is worth a warning.
 fn report_change(check: &AppCheck, outcome: &Outcome, ever_ready: bool) {
-    let (result, detail) = (outcome.verdict.as_str(), outcome.detail.as_str());
+    let (result, detail) = (outcome.verdict.label(), outcome.detail.as_str());
     match outcome.verdict {
         Verdict::Pass => {
             info!(event = "app_check_passed", check = %check, duration_ms = outcome.duration.as_millis() as u64, detail, "app check passes")
@@ -518,14 +546,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_of_check_is_a_known_metric_label() {
-        for check in [
-            AppCheck::http("http://127.0.0.1:8080/").unwrap(),
-            AppCheck::tcp("localhost:1").unwrap(),
-            AppCheck::exec("true").unwrap(),
-            AppCheck::Listen(vec![]),
+    fn every_kind_of_check_is_named_as_it_is_spelled() {
+        for (check, label) in [
+            (AppCheck::http("http://127.0.0.1:8080/").unwrap(), "http"),
+            (AppCheck::tcp("localhost:1").unwrap(), "tcp"),
+            (AppCheck::exec("true").unwrap(), "exec"),
+            (AppCheck::Listen(vec![]), "listen"),
         ] {
-            assert!(AppCheck::KINDS.contains(&check.kind()), "{check}");
+            assert_eq!(check.kind().label(), label, "{check}");
         }
         assert_eq!(AppCheck::tcp_option("auto").unwrap(), TcpOption::Auto);
         assert_eq!(AppCheck::tcp_option("none").unwrap(), TcpOption::None);

@@ -145,7 +145,7 @@ impl Supervisor {
             elapsed_ms = self.elapsed_ms(),
             "forwarding signal to the app"
         );
-        self.metrics.signal_forwarded(&name);
+        self.metrics.signal_forwarded(signal);
         self.app.forward(signal);
     }
 
@@ -280,7 +280,7 @@ impl Supervisor {
             evidence = %end.report,
             "drain over"
         );
-        self.metrics.drain_ended(end.reason.label(), end.elapsed);
+        self.metrics.drain_ended(end.reason, end.elapsed);
     }
 
     fn on_handoff_timeout(&mut self) {

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use nix::unistd::Pid;
@@ -18,7 +19,6 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::lifecycle::{Phase, State};
-use crate::metrics::Metrics;
 use crate::tcp::{self, Connection, TcpSampler};
 
 /// How far back the arrival rate before the drain is measured.
@@ -275,7 +275,7 @@ pub async fn monitor(
     given_ports: Vec<u16>,
     own_port: OwnPort,
     mut state: watch::Receiver<State>,
-    metrics: Arc<Metrics>,
+    late_arrivals: Counter,
 ) {
     let mut sampler = match TcpSampler::new() {
         Ok(sampler) => Some(sampler),
@@ -361,7 +361,7 @@ pub async fn monitor(
             traffic.late_events - late_before
         };
         if late > 0 {
-            metrics.late_arrivals(late);
+            late_arrivals.inc_by(late);
             warn!(
                 event = "late_arrival",
                 events = late,
