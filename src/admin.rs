@@ -102,3 +102,74 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    use crate::lifecycle::{DrainTrigger, Phase};
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn context() -> Context {
+        Context {
+            started: Instant::now(),
+            app_pid: 42,
+            drain: DrainPolicy::Fixed(MS(5000)),
+            readiness: ReadinessConfig {
+                check: None,
+                interval: MS(1000),
+                timeout: MS(1000),
+                min_ready: Duration::ZERO,
+            },
+            check_log: SharedCheckLog::default(),
+            startup_gate: Some(StartupGate {
+                probes: 2,
+                timeout: MS(60_000),
+            }),
+            gate_opened: Arc::new(AtomicBool::new(true)),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn draining_since(since: Instant) -> State {
+        State {
+            phase: Phase::Draining {
+                trigger: DrainTrigger::Sigterm,
+            },
+            drain_started: Some(since),
+            ready_since: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_renders_the_published_state_on_tokios_clock() {
+        let (context, observers) = (context(), Observers::new(vec![]));
+        tokio::time::advance(MS(1500)).await;
+        let state = draining_since(Instant::now());
+        tokio::time::advance(MS(700)).await;
+        let page = page("/status", state, &observers, &context).unwrap();
+        assert_eq!(page.content_type, "application/json");
+        let status: Value = serde_json::from_str(&page.body).unwrap();
+        assert_eq!(status["phase"], "draining");
+        assert_eq!(status["app_pid"], 42);
+        assert_eq!(status["uptime_ms"], 2200);
+        assert_eq!(status["drain_elapsed_ms"], 700);
+        assert_eq!(status["drain_policy"]["fixed_delay_ms"], 5000);
+        assert_eq!(status["startup_gate"]["open"], true);
+        assert_eq!(status["lb_probes"]["drained"], Value::Null, "a fixed delay");
+    }
+
+    #[test]
+    fn metrics_are_an_admin_page_probes_are_not() {
+        let (context, observers) = (context(), Observers::new(vec![]));
+        let state = draining_since(Instant::now());
+        let metrics = page("/metrics", state, &observers, &context).unwrap();
+        assert_eq!(metrics.content_type, metrics::CONTENT_TYPE);
+        assert!(metrics.body.ends_with("# EOF\n"), "{}", metrics.body);
+        for probe in ["/alive", "/ready", "/", "/status/"] {
+            assert_eq!(page(probe, state, &observers, &context), None, "{probe}");
+        }
+    }
+}
