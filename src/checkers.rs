@@ -513,6 +513,28 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn who_asked_for_the_probe_metrics() {
+        use CheckerKind::*;
+        for (agent, probe_path, kind) in [
+            ("kube-probe/1.31", true, Kubelet),
+            ("kube-probe/1.31", false, Kubelet),
+            ("ELB-HealthChecker/2.0", true, LoadBalancer),
+            ("", true, LoadBalancer),
+            ("ELB-HealthChecker/2.0", false, Other),
+            ("curl/8.5.0", true, Other),
+            ("Prometheus/2.53", false, Other),
+        ] {
+            assert_eq!(
+                CheckerKind::of(agent, probe_path),
+                kind,
+                "{agent} {probe_path}"
+            );
+        }
+        let labels = CheckerKind::ALL.map(CheckerKind::label);
+        assert_eq!(labels, ["kubelet", "load_balancer", "other"]);
+    }
+
+    #[test]
     fn user_agents_are_kept_short() {
         let long = "é".repeat(1000);
         let checker = CheckerId::new("10.0.0.1".parse().unwrap(), &long);
