@@ -394,6 +394,12 @@ pub(crate) mod tests {
         }
     }
 
+    /// An empty table, and HAProxy on 10.0.0.1 yet to probe, as of now.
+    pub(crate) fn one_haproxy() -> (Instant, CheckerId, Checkers) {
+        let haproxy = id("10.0.0.1", "HAProxy");
+        (Instant::now(), haproxy, Checkers::default())
+    }
+
     /// Probes from `checker` every `every` from `from`, `n` times, answered `ready` before
     /// `drain` and 503 after it.
     pub(crate) fn probe(
@@ -436,9 +442,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_checker_counts_after_three_probes_at_a_steady_interval() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.1", "HAProxy");
-        let mut checkers = Checkers::default();
+        let (t0, lb, mut checkers) = one_haproxy();
         probe(&mut checkers, &lb, t0, MS(2000), 2, t0 + MS(100_000));
         assert_eq!(checkers.load_balancer_count(t0), 0, "two probes");
         checkers.record(lb.clone(), t0 + MS(4100), true, false);
@@ -453,9 +457,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_one_off_request_never_holds_the_start_up_gate() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.1", "HAProxy");
-        let mut checkers = Checkers::default();
+        let (t0, lb, mut checkers) = one_haproxy();
         checkers.record(id("10.0.0.9", ""), t0, true, false);
         checkers.record(id("10.0.0.8", "fresh-1"), t0 + MS(900), true, false);
         assert!(!checkers.all_healthy(t0 + MS(1000), 2), "no load balancer");
@@ -465,9 +467,7 @@ pub(crate) mod tests {
 
     #[test]
     fn strangers_cannot_push_a_load_balancer_out_of_the_table() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.1", "HAProxy");
-        let mut checkers = Checkers::default();
+        let (t0, lb, mut checkers) = one_haproxy();
         probe(&mut checkers, &lb, t0, MS(1000), 3, t0 + MS(100_000));
         for i in 0..10_000u32 {
             let addr = format!("10.1.{}.{}", i / 250, i % 250);

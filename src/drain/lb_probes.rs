@@ -32,7 +32,7 @@ impl Checkers {
 mod tests {
     use super::*;
     use crate::checkers::MAX_NAMED;
-    use crate::checkers::tests::{MS, id, probe};
+    use crate::checkers::tests::{MS, id, one_haproxy, probe};
 
     #[test]
     fn drained_once_every_load_balancer_saw_the_threshold_of_503s() {
@@ -61,9 +61,7 @@ mod tests {
 
     #[test]
     fn a_ready_answer_resets_the_count() {
-        let t0 = Instant::now();
-        let lb = id("10.0.0.1", "HAProxy");
-        let mut checkers = Checkers::default();
+        let (t0, lb, mut checkers) = one_haproxy();
         checkers.record(lb.clone(), t0, false, true);
         checkers.record(lb.clone(), t0 + MS(500), true, true);
         checkers.record(lb.clone(), t0 + MS(1000), false, true);
