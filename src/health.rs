@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -28,12 +28,13 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::cidr::Cidr;
-use crate::drain::lb_probes::{self, CheckerId, Checkers};
+use crate::drain::lb_probes::{self, CheckerId};
 use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
-use crate::lifecycle::{Phase, State};
+use crate::gate::StartupGate;
+use crate::lifecycle::{PhaseKind, State};
 use crate::metrics::{self, Metrics};
-use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
+use crate::readiness::{ReadinessConfig, SharedCheckLog};
 use crate::status;
 use crate::throttle::Throttle;
 
@@ -104,9 +105,8 @@ pub struct Context {
     pub readiness: ReadinessConfig,
     pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,
-    /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
-    /// balancers' checks.
-    pub gate_opened: AtomicBool,
+    /// Notified after each `/ready` check recorded: the start-up gate looks again at once.
+    pub checker_recorded: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
     pub lb_sources: Vec<Cidr>,
@@ -122,32 +122,6 @@ impl Context {
                 .lb_sources
                 .iter()
                 .any(|range| range.contains(checker.addr))
-    }
-
-    /// Whether the start-up gate still holds the kubelet back from a ready app.
-    fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
-        let Some(gate) = self.startup_gate else {
-            return false;
-        };
-        if self.gate_opened.load(Ordering::Relaxed) {
-            return false;
-        }
-        let verdict = gate.state(checkers, state.ready_since, now);
-        match verdict {
-            GateState::Waiting => return true,
-            GateState::Open => info!(
-                event = "gate_opened",
-                probes = gate.probes,
-                "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
-            ),
-            GateState::TimedOut => warn!(event = "gate_timed_out",
-                timeout_ms = gate.timeout.as_millis() as u64,
-                waiting_for = ?checkers.holding_the_gate(now, gate.probes),
-                "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
-            ),
-        }
-        self.gate_opened.store(true, Ordering::Relaxed);
-        false
     }
 }
 
@@ -390,29 +364,27 @@ fn probe(
 ) -> Response<Full<Bytes>> {
     let checker = CheckerId::new(peer, asked.agent);
     let now = Instant::now();
-    let held = asked.path == "/ready"
-        && checker.is_kubelet()
-        && state.phase.is_ready()
-        && context.gate_holds(&observers.checkers(), state, now);
+    let held = asked.path == "/ready" && checker.is_kubelet() && state.gate_holds();
     let response = if held {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: waiting for the load balancers (start-up gate)\n",
         )
     } else {
-        respond(request, state.phase)
+        respond(request, state.kind())
     };
     if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()
-            .record(checker, now, ready, state.phase.drain_has_started());
+            .record(checker, now, ready, state.drain_has_started());
+        context.checker_recorded.notify_one();
     }
     response
 }
 
 /// The answer to one probe request, given the current phase.
-pub fn respond(request: &Request<Incoming>, phase: Phase) -> Response<Full<Bytes>> {
+pub fn respond(request: &Request<Incoming>, phase: PhaseKind) -> Response<Full<Bytes>> {
     let wants_json = request
         .headers()
         .get(header::ACCEPT)
@@ -421,7 +393,12 @@ pub fn respond(request: &Request<Incoming>, phase: Phase) -> Response<Full<Bytes
     answer(request.method(), request.uri().path(), wants_json, phase)
 }
 
-fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Response<Full<Bytes>> {
+fn answer(
+    method: &Method,
+    path: &str,
+    wants_json: bool,
+    phase: PhaseKind,
+) -> Response<Full<Bytes>> {
     let (probe, healthy) = match path {
         "/alive" => ("alive", phase.is_alive()),
         "/ready" => ("ready", phase.is_ready()),
@@ -448,7 +425,7 @@ fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Respon
         StatusCode::SERVICE_UNAVAILABLE
     };
     if wants_json {
-        let body = serde_json::json!({ probe: healthy, "phase": phase.name() }).to_string() + "\n";
+        let body = serde_json::json!({ probe: healthy, "phase": phase.label() }).to_string() + "\n";
         return with_body(status, "application/json", body);
     }
     let verdict = if healthy {
@@ -479,32 +456,32 @@ fn with_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::DrainTrigger;
 
-    fn status(method: Method, path: &str, phase: Phase) -> StatusCode {
+    fn status(method: Method, path: &str, phase: PhaseKind) -> StatusCode {
         answer(&method, path, false, phase).status()
     }
 
     #[test]
     fn ready_only_while_ready_alive_until_exit() {
-        let draining = Phase::Draining {
-            trigger: DrainTrigger::Sigterm,
-        };
-        assert_eq!(status(Method::GET, "/ready", Phase::Ready), StatusCode::OK);
+        let draining = PhaseKind::Draining;
+        assert_eq!(
+            status(Method::GET, "/ready", PhaseKind::Ready),
+            StatusCode::OK
+        );
         assert_eq!(
             status(Method::GET, "/ready", draining),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            status(Method::GET, "/ready", Phase::Starting),
+            status(Method::GET, "/ready", PhaseKind::Starting),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(status(Method::HEAD, "/alive", draining), StatusCode::OK);
         assert_eq!(
-            status(Method::GET, "/alive", Phase::Stopping),
+            status(Method::GET, "/alive", PhaseKind::Stopping),
             StatusCode::OK
         );
-        let exited = Phase::Exited { code: 0 };
+        let exited = PhaseKind::Exited;
         assert_eq!(
             status(Method::GET, "/alive", exited),
             StatusCode::SERVICE_UNAVAILABLE
@@ -514,22 +491,22 @@ mod tests {
     #[test]
     fn unknown_paths_and_methods() {
         assert_eq!(
-            status(Method::GET, "/", Phase::Ready),
+            status(Method::GET, "/", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            status(Method::POST, "/ready", Phase::Ready),
+            status(Method::POST, "/ready", PhaseKind::Ready),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            status(Method::DELETE, "/nope", Phase::Ready),
+            status(Method::DELETE, "/nope", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
     }
 
     #[test]
     fn json_names_the_phase() {
-        let response = answer(&Method::GET, "/ready", true, Phase::Drained);
+        let response = answer(&Method::GET, "/ready", true, PhaseKind::Drained);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

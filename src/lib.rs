@@ -14,6 +14,7 @@ pub mod config;
 pub mod control;
 pub mod drain;
 pub mod exit;
+pub mod gate;
 pub mod health;
 pub mod lifecycle;
 pub mod listening;
@@ -34,13 +35,12 @@ pub mod throttle;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::error;
 
 use crate::app::App;
@@ -48,7 +48,7 @@ use crate::cli::{Cli, Command, SharedArgs};
 use crate::config::RunConfig;
 use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
-use crate::lifecycle::{Event, Lifecycle};
+use crate::lifecycle::{Event, Gate, Lifecycle};
 use crate::metrics::Metrics;
 use crate::readiness::{RunningCheck, SharedCheckLog};
 use crate::reaper::Reaper;
@@ -139,10 +139,32 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     health::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
-    let mut lifecycle = Lifecycle::new(metrics.clone());
+    let gate = match config.startup_gate {
+        Some(_) => Gate::Holding,
+        None => Gate::Open,
+    };
+    let mut lifecycle = Lifecycle::new(gate, metrics.clone());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let (readiness, check_log) =
-        watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
+    let (verdicts, readiness) = mpsc::channel(8);
+    let check_log = watch_readiness(
+        &config,
+        app,
+        &probes,
+        &mut lifecycle,
+        &reaper,
+        &metrics,
+        verdicts.clone(),
+    );
+    let checker_recorded = Arc::new(Notify::new());
+    if let Some(gate) = config.startup_gate {
+        tokio::spawn(gate::run(
+            gate,
+            observers.checkers.clone(),
+            checker_recorded.clone(),
+            lifecycle.subscribe(),
+            verdicts,
+        ));
+    }
     let (drain_tx, drain_rx) = mpsc::channel(8);
     let context = health::Context {
         started,
@@ -151,7 +173,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
-        gate_opened: AtomicBool::new(false),
+        checker_recorded,
         metrics: metrics.clone(),
         lb_sources: config.lb_sources.clone(),
     };
@@ -174,8 +196,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     Ok(code)
 }
 
-/// Starts the app check, whose verdicts the supervisor applies; with `--ready-tcp none` there is
-/// nothing to wait for and the app is ready at once, before the first probe can arrive.
+/// Starts the app check, whose `verdicts` the supervisor applies; with `--ready-tcp none` there
+/// is nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
     app: App,
@@ -183,12 +205,13 @@ fn watch_readiness(
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
     metrics: &Arc<Metrics>,
-) -> (mpsc::Receiver<Event>, SharedCheckLog) {
+    verdicts: mpsc::Sender<Event>,
+) -> SharedCheckLog {
     let check_log = SharedCheckLog::default();
-    let (verdicts, readiness) = mpsc::channel(8);
     let Some(check) = config.readiness.check.clone() else {
-        lifecycle.apply(Event::AppReady);
-        return (readiness, check_log);
+        let actions = lifecycle.apply(Event::AppReady);
+        debug_assert!(actions.is_empty(), "becoming ready does nothing else");
+        return check_log;
     };
     let probes = probes.local_addr().unwrap_or(config.health_listen);
     let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
@@ -203,7 +226,7 @@ fn watch_readiness(
             metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
         },
     ));
-    (readiness, check_log)
+    check_log
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the

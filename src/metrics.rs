@@ -38,7 +38,7 @@ use crate::readiness::AppCheck;
 /// Content-Type for [`Metrics::render`]'s output: the Prometheus text format.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// The lifecycle states, as [`crate::lifecycle::Phase::name`] spells them.
+/// The lifecycle states, as [`crate::lifecycle::PhaseKind::label`] spells them.
 const STATES: [&str; 7] = [
     "starting", "ready", "unready", "draining", "drained", "stopping", "exited",
 ];
