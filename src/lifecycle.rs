@@ -552,35 +552,44 @@ impl fmt::Display for State {
 }
 
 impl Note {
+    /// The lines with nothing to say but where the drain is.
+    fn plain(&self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            Note::SigtermDuringPrestop => (
+                "sigterm_during_prestop",
+                "SIGTERM during the prestop drain: the app is stopped when the drain is over",
+            ),
+            Note::SigtermAfterPrestop => {
+                ("sigterm_after_prestop", "SIGTERM after the prestop drain")
+            }
+            Note::SigtermIgnoredDraining => (
+                "sigterm_ignored",
+                "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)",
+            ),
+            Note::SigtermIgnoredStopping => (
+                "sigterm_ignored",
+                "SIGTERM again: ignored, the app already has its stop signal",
+            ),
+            Note::WaitingForSigterm => (
+                "waiting_for_sigterm",
+                "waiting for the kubelet's SIGTERM to stop the app",
+            ),
+            _ => return None,
+        })
+    }
+
     /// Logs the line, `elapsed_ms` into the drain.
     pub fn log(&self, elapsed_ms: Option<u64>) {
+        if let Some((event, message)) = self.plain() {
+            info!(event, elapsed_ms, "{message}");
+            return;
+        }
         match self {
-            Note::SigtermDuringPrestop => info!(
-                event = "sigterm_during_prestop",
-                elapsed_ms,
-                "SIGTERM during the prestop drain: the app is stopped when the drain is over"
-            ),
-            Note::SigtermAfterPrestop => info!(
-                event = "sigterm_after_prestop",
-                elapsed_ms, "SIGTERM after the prestop drain"
-            ),
-            Note::SigtermIgnoredDraining => info!(
-                event = "sigterm_ignored",
-                elapsed_ms, "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)"
-            ),
-            Note::SigtermIgnoredStopping => info!(
-                event = "sigterm_ignored",
-                elapsed_ms, "SIGTERM again: ignored, the app already has its stop signal"
-            ),
             Note::DrainInterrupted { signal } => info!(
                 event = "drain_interrupted",
                 signal = signals::name(*signal),
                 elapsed_ms,
                 "drain cut short: forwarding to the app now"
-            ),
-            Note::WaitingForSigterm => info!(
-                event = "waiting_for_sigterm",
-                elapsed_ms, "waiting for the kubelet's SIGTERM to stop the app"
             ),
             Note::HandoffTimedOut => warn!(
                 event = "handoff_timed_out",
@@ -600,6 +609,7 @@ impl Note {
                 waiting_for = ?waiting_for,
                 "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
             ),
+            _ => {}
         }
     }
 }

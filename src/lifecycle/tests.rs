@@ -31,6 +31,18 @@ impl Clock {
         }
     }
 
+    fn ready(&self) -> State {
+        State::Ready {
+            since: self.at(0),
+            gate: Gate::Open,
+        }
+    }
+
+    /// Ready since 0 s, then a drain `request` (`Event::Sigterm` or `Event::DrainRequest`) at 1 s.
+    fn drain(&self, request: fn(DrainFacts) -> Event) -> State {
+        step(self.ready(), request(facts(true)), self.at(1)).0
+    }
+
     fn draining(&self, trigger: DrainTrigger, stop_when_over: bool) -> State {
         State::Draining {
             trigger,
@@ -124,6 +136,13 @@ impl Sample {
             },
         }
     }
+}
+
+/// `event` at `at` changes nothing and does nothing.
+#[track_caller]
+fn assert_ignored(state: State, event: Event, at: Instant) {
+    let outcome = step(state, event.clone(), at);
+    assert_eq!(outcome, (state, vec![]), "{state:?} + {event:?}");
 }
 
 fn facts(had_traffic: bool) -> DrainFacts {
@@ -340,18 +359,12 @@ fn a_sigterm_rollout() {
 #[test]
 fn the_drain_sets_the_budget_and_the_kill_comes_once() {
     let clock = Clock::new();
-    let ready = State::Ready {
-        since: clock.at(0),
-        gate: Gate::Open,
-    };
+    let ready = clock.ready();
     let (draining, _) = step(ready, Event::Sigterm(facts(true)), clock.at(2));
     let kill_at = clock.at(2) + KILL_AFTER;
     assert_eq!(draining.kill_at(), Some(kill_at));
     let early = kill_at - Duration::from_millis(1);
-    assert_eq!(
-        step(draining, Event::BudgetSpent, early),
-        (draining, vec![])
-    );
+    assert_ignored(draining, Event::BudgetSpent, early);
     // The deadline carries into the stop: the kill is the budget's, not the phase's.
     let (stopping, _) = step(draining, Event::DrainOver, clock.at(7));
     assert_eq!(stopping.kill_at(), Some(kill_at));
@@ -359,11 +372,7 @@ fn the_drain_sets_the_budget_and_the_kill_comes_once() {
     assert_eq!(actions, [Action::KillGroup]);
     assert_eq!(killed.kind(), PhaseKind::Stopping);
     assert_eq!(killed.kill_at(), None);
-    assert_eq!(
-        step(killed, Event::BudgetSpent, kill_at),
-        (killed, vec![]),
-        "one kill"
-    );
+    assert_ignored(killed, Event::BudgetSpent, kill_at); // one kill
     let (exited, _) = step(
         killed,
         Event::AppExited {
@@ -379,19 +388,12 @@ fn the_drain_sets_the_budget_and_the_kill_comes_once() {
 #[test]
 fn prestop_then_sigterm_during_the_drain_stops_when_it_is_over() {
     let clock = Clock::new();
-    let ready = State::Ready {
-        since: clock.at(0),
-        gate: Gate::Open,
-    };
-    let (draining, _) = step(ready, Event::DrainRequest(facts(true)), clock.at(1));
+    let draining = clock.drain(Event::DrainRequest);
     let (waiting, actions) = step(draining, Event::Sigterm(facts(true)), clock.at(2));
     assert_eq!(actions, [Action::Log(Note::SigtermDuringPrestop)]);
     assert!(!waiting.drain_is_over(), "the drain goes on");
-    assert_eq!(
-        step(waiting, Event::DrainRequest(facts(true)), clock.at(3)),
-        (waiting, vec![]),
-        "a second prestop is ignored"
-    );
+    // A second prestop is ignored.
+    assert_ignored(waiting, Event::DrainRequest(facts(true)), clock.at(3));
     let (stopping, actions) = step(waiting, Event::DrainOver, clock.at(4));
     assert_eq!(actions, [Action::ReportDrainEnd, Action::SendStopSignal]);
     assert_eq!(stopping.kind(), PhaseKind::Stopping);
@@ -401,11 +403,7 @@ fn prestop_then_sigterm_during_the_drain_stops_when_it_is_over() {
 #[test]
 fn prestop_drain_over_waits_for_sigterm_until_the_handoff_deadline() {
     let clock = Clock::new();
-    let ready = State::Ready {
-        since: clock.at(0),
-        gate: Gate::Open,
-    };
-    let (draining, _) = step(ready, Event::DrainRequest(facts(true)), clock.at(1));
+    let draining = clock.drain(Event::DrainRequest);
     let (drained, actions) = step(draining, Event::DrainOver, clock.at(6));
     assert_eq!(
         actions,
@@ -415,7 +413,7 @@ fn prestop_drain_over_waits_for_sigterm_until_the_handoff_deadline() {
     assert_eq!(drained.handoff_by(), Some(handoff_by));
     assert!(drained.drain_is_over() && drained.is_alive() && !drained.is_ready());
     let early = handoff_by - Duration::from_millis(1);
-    assert_eq!(step(drained, Event::HandoffDue, early), (drained, vec![]));
+    assert_ignored(drained, Event::HandoffDue, early);
     let (stopping, actions) = step(drained, Event::HandoffDue, handoff_by);
     assert_eq!(
         actions,
@@ -427,19 +425,13 @@ fn prestop_drain_over_waits_for_sigterm_until_the_handoff_deadline() {
         None,
         "the handoff ends with the stop"
     );
-    assert_eq!(
-        step(stopping, Event::HandoffDue, handoff_by),
-        (stopping, vec![])
-    );
+    assert_ignored(stopping, Event::HandoffDue, handoff_by);
 }
 
 #[test]
 fn an_interrupt_reports_the_drain_once() {
     let clock = Clock::new();
-    let ready = State::Ready {
-        since: clock.at(0),
-        gate: Gate::Open,
-    };
+    let ready = clock.ready();
     let reports = |actions: &[Action]| {
         actions
             .iter()
@@ -447,13 +439,13 @@ fn an_interrupt_reports_the_drain_once() {
             .count()
     };
     // Cut short while draining: the drain's evidence, once; a second interrupt only forwards.
-    let (draining, _) = step(ready, Event::Sigterm(facts(true)), clock.at(1));
+    let draining = clock.drain(Event::Sigterm);
     let (stopping, first) = step(draining, Event::Interrupt { signal: SIGQUIT }, clock.at(2));
     let (_, second) = step(stopping, Event::Interrupt { signal: SIGINT }, clock.at(3));
     assert_eq!(reports(&first) + reports(&second), 1);
     assert_eq!(second, [Action::Forward(SIGINT)]);
     // Cut short once a prestop drain is over: that drain already reported.
-    let (draining, _) = step(ready, Event::DrainRequest(facts(true)), clock.at(1));
+    let draining = clock.drain(Event::DrainRequest);
     let (drained, over) = step(draining, Event::DrainOver, clock.at(2));
     let (_, cut) = step(drained, Event::Interrupt { signal: SIGINT }, clock.at(3));
     assert_eq!(reports(&over) + reports(&cut), 1);
@@ -520,11 +512,7 @@ fn the_gate_holds_the_ready_phase_until_its_verdict_and_stays_open() {
     assert_eq!(actions, [Action::Log(Note::Gate(verdict))]);
     assert!(!open.gate_holds() && open.gate_is_open());
     assert_eq!(open.ready_since(), Some(clock.at(1)), "still ready since");
-    assert_eq!(
-        step(open, Event::Gate(opened()), clock.at(92)),
-        (open, vec![]),
-        "opens once"
-    );
+    assert_ignored(open, Event::Gate(opened()), clock.at(92)); // opens once
     // Once open, for good: an app check failing and passing again does not close it.
     let (unready, _) = step(open, Event::AppUnready, clock.at(93));
     let (ready_again, _) = step(unready, Event::AppReady, clock.at(94));
@@ -533,10 +521,7 @@ fn the_gate_holds_the_ready_phase_until_its_verdict_and_stays_open() {
     let held_unready = State::Unready {
         gate: Gate::Holding,
     };
-    assert_eq!(
-        step(held_unready, Event::Gate(opened()), clock.at(95)),
-        (held_unready, vec![])
-    );
+    assert_ignored(held_unready, Event::Gate(opened()), clock.at(95));
     let (drain, _) = step(ready, Event::Sigterm(facts(true)), clock.at(96));
     assert!(
         !drain.gate_holds() && !drain.gate_is_open(),
