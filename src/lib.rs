@@ -143,7 +143,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         Some(_) => Gate::Holding,
         None => Gate::Open,
     };
-    let mut lifecycle = Lifecycle::new(gate, metrics.clone());
+    let mut lifecycle = Lifecycle::new(gate);
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
     let (verdicts, readiness) = mpsc::channel(8);
     let check_log = watch_readiness(

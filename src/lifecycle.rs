@@ -8,7 +8,6 @@
 //! read the current state from the channel and never keep a copy.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -16,7 +15,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::metrics::Metrics;
 use crate::signals;
 
 /// After a `drainit prestop` drain the kubelet sends SIGTERM as soon as the hook returns. If none
@@ -617,16 +615,12 @@ impl Note {
 /// The writer's side: steps the state machine, logs each change of phase, publishes the state.
 pub struct Lifecycle {
     state: watch::Sender<State>,
-    metrics: Arc<Metrics>,
 }
 
 impl Lifecycle {
-    pub fn new(gate: Gate, metrics: Arc<Metrics>) -> Self {
-        let state = State::new(gate);
-        metrics.set_phase(state.kind().label());
+    pub fn new(gate: Gate) -> Self {
         Self {
-            state: watch::Sender::new(state),
-            metrics,
+            state: watch::Sender::new(State::new(gate)),
         }
     }
 
@@ -655,7 +649,6 @@ impl Lifecycle {
         }
         self.state.send_replace(to);
         if to.kind() != from.kind() {
-            self.metrics.set_phase(to.kind().label());
             info!(
                 event = "phase_changed",
                 from = from.kind().label(),

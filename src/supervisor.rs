@@ -85,6 +85,8 @@ impl Supervisor {
         } = inputs;
         loop {
             let state = self.lifecycle.state();
+            // Idempotent: the gauge moves when the phase did.
+            self.metrics.set_phase(state.kind().label());
             if let State::Exited { code, .. } = state {
                 return code;
             }

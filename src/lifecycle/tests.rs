@@ -556,8 +556,7 @@ fn kinds_label_every_phase_and_answer_the_probes() {
 
 #[test]
 fn the_writer_publishes_each_change_and_returns_the_actions() {
-    let metrics = Arc::new(Metrics::new());
-    let mut lifecycle = Lifecycle::new(Gate::Open, metrics);
+    let mut lifecycle = Lifecycle::new(Gate::Open);
     let reader = lifecycle.subscribe();
     assert!(lifecycle.apply(Event::AppReady).is_empty());
     assert_eq!(reader.borrow().kind(), PhaseKind::Ready);
