@@ -230,21 +230,11 @@ pub fn step(state: State, event: Event, now: Instant) -> (State, Vec<Action>) {
                 stop_when_over,
             },
             Event::DrainOver,
-        ) => {
-            if trigger == DrainTrigger::Sigterm || stop_when_over {
-                stop(shutdown, now, [Action::ReportDrainEnd])
-            } else {
-                let handoff_by = now + PRESTOP_HANDOFF;
-                let actions = vec![Action::ReportDrainEnd, Action::Log(Note::WaitingForSigterm)];
-                (
-                    Drained {
-                        shutdown,
-                        handoff_by,
-                    },
-                    actions,
-                )
-            }
-        }
+        ) => drain_over(
+            trigger == DrainTrigger::Sigterm || stop_when_over,
+            shutdown,
+            now,
+        ),
         (
             Drained {
                 shutdown,
@@ -288,6 +278,20 @@ fn start_drain(
         never_ready,
     };
     (draining, vec![start])
+}
+
+/// The drain's end is reported; the app is stopped, or after a prestop drain with no SIGTERM yet,
+/// waits for the kubelet's (`stop_now` says which).
+fn drain_over(stop_now: bool, shutdown: Shutdown, now: Instant) -> (State, Vec<Action>) {
+    if stop_now {
+        return stop(shutdown, now, [Action::ReportDrainEnd]);
+    }
+    let drained = State::Drained {
+        shutdown,
+        handoff_by: now + PRESTOP_HANDOFF,
+    };
+    let actions = vec![Action::ReportDrainEnd, Action::Log(Note::WaitingForSigterm)];
+    (drained, actions)
 }
 
 /// SIGTERM once the drain has started: after a prestop drain it is the kubelet's go-ahead.
