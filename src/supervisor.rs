@@ -344,3 +344,54 @@ async fn at(deadline: Option<Instant>) {
         None => pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Gate, step};
+
+    const KILL_AFTER: Duration = Duration::from_secs(29);
+
+    /// A ready pod asked to drain (`Event::Sigterm` or `Event::DrainRequest`) now.
+    fn drain_now(request: fn(DrainFacts) -> Event) -> State {
+        let facts = DrainFacts {
+            had_traffic: true,
+            kill_after: KILL_AFTER,
+        };
+        let ready = step(State::new(Gate::Open), Event::AppReady, Instant::now()).0;
+        step(ready, request(facts), Instant::now()).0
+    }
+
+    /// What the supervisor's loop waits on, on the paused clock: the kill lands at the budget's
+    /// deadline to the millisecond, once.
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_kill_lands_at_its_deadline() {
+        let started = Instant::now();
+        let draining = drain_now(Event::Sigterm);
+        assert_eq!(draining.handoff_by(), None);
+        at(draining.kill_at()).await;
+        assert_eq!(Instant::now() - started, KILL_AFTER);
+        let (killed, actions) = step(draining, Event::BudgetSpent, Instant::now());
+        assert_eq!(actions, [Action::KillGroup]);
+        let never = tokio::time::timeout(KILL_AFTER, at(killed.kill_at())).await;
+        assert!(never.is_err(), "no deadline left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prestop_drain_over_hands_off_at_its_deadline() {
+        let started = Instant::now();
+        let draining = drain_now(Event::DrainRequest);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (drained, _) = step(draining, Event::DrainOver, Instant::now());
+        // The handoff deadline comes before the kill: it is the one the loop wakes for.
+        tokio::select! {
+            biased;
+            () = at(drained.kill_at()) => panic!("the kill came first"),
+            () = at(drained.handoff_by()) => {}
+        }
+        assert_eq!(
+            Instant::now() - started,
+            Duration::from_secs(3) + crate::lifecycle::PRESTOP_HANDOFF
+        );
+    }
+}
