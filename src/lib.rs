@@ -3,8 +3,9 @@
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
 //! signal handlers ([`signals`]) so none is lost, bind the probe port ([`health`]) and the control
 //! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
-//! everything to the [`supervisor`], which drives the [`lifecycle`] state machine: reaping
-//! ([`reaper`]), draining ([`drain`]) and the shutdown budget.
+//! everything to the [`supervisor`], which feeds the [`lifecycle`] state machine and carries out
+//! what it decides: reaping ([`reaper`]), draining ([`drain`]), the shutdown budget and the
+//! start-up [`gate`].
 
 pub mod app;
 pub mod budget;
