@@ -3,15 +3,16 @@
 //! probe server accepts their requests and hands them here.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use tokio::time::Instant;
 
 use serde_json::{Value, json};
 
 use crate::drain::{DrainPolicy, Observers, traffic};
+use crate::gate::StartupGate;
 use crate::lifecycle::State;
 use crate::metrics::{self, Metrics};
-use crate::readiness::{self, ReadinessConfig, SharedCheckLog, StartupGate};
+use crate::readiness::{self, ReadinessConfig, SharedCheckLog};
 
 /// What the admin endpoints render besides the lifecycle and the observers: fixed at start-up,
 /// or shared state they read.
@@ -23,8 +24,6 @@ pub struct Context {
     pub readiness: ReadinessConfig,
     pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,
-    /// Whether the start-up gate has opened, as the probe server latched it.
-    pub gate_opened: Arc<AtomicBool>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -92,7 +91,7 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
         "startup_gate": context.startup_gate.map(|gate| json!({
             "probes": gate.probes,
             "timeout_ms": gate.timeout.as_millis() as u64,
-            "open": context.gate_opened.load(Ordering::Relaxed),
+            "open": state.gate_is_open(),
         })),
         "lb_probes": {
             "unhealthy_threshold": threshold,
@@ -108,7 +107,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    use crate::lifecycle::{DrainTrigger, Phase};
+    use crate::lifecycle::{DrainTrigger, Gate, Shutdown};
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
@@ -128,18 +127,19 @@ mod tests {
                 probes: 2,
                 timeout: MS(60_000),
             }),
-            gate_opened: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(Metrics::new()),
         }
     }
 
     fn draining_since(since: Instant) -> State {
-        State {
-            phase: Phase::Draining {
-                trigger: DrainTrigger::Sigterm,
+        State::Draining {
+            trigger: DrainTrigger::Sigterm,
+            shutdown: Shutdown {
+                drain_started: since,
+                kill_at: None,
+                gate: Gate::Open,
             },
-            drain_started: Some(since),
-            ready_since: None,
+            stop_when_over: false,
         }
     }
 

@@ -13,7 +13,8 @@ use crate::cli::{RunArgs, env_variable, format_duration};
 use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
-use crate::readiness::{AppCheck, ReadinessConfig, StartupGate, TcpOption};
+use crate::gate::StartupGate;
+use crate::readiness::{AppCheck, ReadinessConfig, TcpOption};
 
 /// How long the start-up gate waits for load balancers by default: two checks at AWS ALB's
 /// default 30 s interval, with room to spare.

@@ -19,9 +19,6 @@ use tracing::warn;
 use self::traffic::{QuietPeriod, SharedTraffic};
 use crate::checkers::Checkers;
 
-/// After a `drainit prestop` drain the kubelet sends SIGTERM as soon as the hook returns. If none
-/// arrives by this long after the drain (the hook was run by hand), drainit stops the app itself.
-pub const PRESTOP_HANDOFF: Duration = Duration::from_secs(5);
 /// How often a watched drain looks at its watchers.
 const WATCH_TICK: Duration = Duration::from_millis(100);
 

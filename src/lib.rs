@@ -3,9 +3,9 @@
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
 //! signal handlers ([`signals`]) so none is lost, bind the probe port ([`probes`]) and the control
 //! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
-//! everything to the [`supervisor`], which drives the [`lifecycle`] state machine: reaping
-//! ([`reaper`]), draining ([`drain`]) and the shutdown budget. The probe port also serves the
-//! [`admin`] endpoints.
+//! everything to the [`supervisor`], which feeds the [`lifecycle`] state machine and carries out
+//! what it decides: reaping ([`reaper`]), draining ([`drain`]), the shutdown budget and the
+//! start-up [`gate`]. The probe port also serves the [`admin`] endpoints.
 
 pub mod admin;
 pub mod app;
@@ -17,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod drain;
 pub mod exit;
+pub mod gate;
 pub mod lifecycle;
 pub mod listening;
 pub mod log_writer;
@@ -36,13 +37,12 @@ pub mod throttle;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::error;
 
 use crate::app::App;
@@ -50,7 +50,7 @@ use crate::cli::{Cli, Command, SharedArgs};
 use crate::config::RunConfig;
 use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
-use crate::lifecycle::{Event, Lifecycle};
+use crate::lifecycle::{Event, Gate, Lifecycle};
 use crate::metrics::Metrics;
 use crate::readiness::{RunningCheck, SharedCheckLog};
 use crate::reaper::Reaper;
@@ -141,17 +141,37 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     probes::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
-    let mut lifecycle = Lifecycle::new();
+    let gate = match config.startup_gate {
+        Some(_) => Gate::Holding,
+        None => Gate::Open,
+    };
+    let mut lifecycle = Lifecycle::new(gate);
     let phase = lifecycle.subscribe();
     metrics.read_phase_from(move || phase.borrow().kind());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let (readiness, check_log) =
-        watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
+    let (verdicts, readiness) = mpsc::channel(8);
+    let check_log = watch_readiness(
+        &config,
+        app,
+        &probes,
+        &mut lifecycle,
+        &reaper,
+        &metrics,
+        verdicts.clone(),
+    );
+    let checker_recorded = Arc::new(Notify::new());
+    if let Some(gate) = config.startup_gate {
+        tokio::spawn(gate::run(
+            gate,
+            observers.checkers.clone(),
+            checker_recorded.clone(),
+            lifecycle.subscribe(),
+            verdicts,
+        ));
+    }
     let (drain_tx, drain_rx) = mpsc::channel(8);
-    let gate_opened = Arc::new(AtomicBool::new(false));
     let context = probes::Context {
-        startup_gate: config.startup_gate,
-        gate_opened: gate_opened.clone(),
+        checker_recorded,
         metrics: metrics.clone(),
         lb_sources: config.lb_sources.clone(),
     };
@@ -162,7 +182,6 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
-        gate_opened,
         metrics: metrics.clone(),
     };
     tokio::spawn(probes::serve(
@@ -185,8 +204,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     Ok(code)
 }
 
-/// Starts the app check, whose verdicts the supervisor applies; with `--ready-tcp none` there is
-/// nothing to wait for and the app is ready at once, before the first probe can arrive.
+/// Starts the app check, whose `verdicts` the supervisor applies; with `--ready-tcp none` there
+/// is nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
     app: App,
@@ -194,12 +213,13 @@ fn watch_readiness(
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
     metrics: &Arc<Metrics>,
-) -> (mpsc::Receiver<Event>, SharedCheckLog) {
+    verdicts: mpsc::Sender<Event>,
+) -> SharedCheckLog {
     let check_log = SharedCheckLog::default();
-    let (verdicts, readiness) = mpsc::channel(8);
     let Some(check) = config.readiness.check.clone() else {
-        lifecycle.apply(Event::AppReady);
-        return (readiness, check_log);
+        let actions = lifecycle.apply(Event::AppReady);
+        debug_assert!(actions.is_empty(), "becoming ready does nothing else");
+        return check_log;
     };
     let probes = probes.local_addr().unwrap_or(config.health_listen);
     let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
@@ -212,7 +232,7 @@ fn watch_readiness(
         lifecycle.subscribe(),
         move |check, outcome| metrics.app_check(check.kind(), outcome.verdict, outcome.duration),
     ));
-    (readiness, check_log)
+    check_log
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the

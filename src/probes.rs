@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -29,13 +29,12 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::admin::{self, Page};
-use crate::checkers::{CheckerId, CheckerKind, Checkers};
+use crate::checkers::{CheckerId, CheckerKind};
 use crate::cidr::Cidr;
 use crate::drain::Observers;
 use crate::exit::StartupError;
-use crate::lifecycle::State;
+use crate::lifecycle::{PhaseKind, State};
 use crate::metrics::Metrics;
-use crate::readiness::{GateState, StartupGate};
 use crate::throttle::Throttle;
 
 use self::connections::{Registry, SharedRegistry};
@@ -99,10 +98,8 @@ pub fn announce(listener: &TcpListener) {
 /// What the probe server needs besides the lifecycle: fixed at start-up, or shared state it reads.
 #[derive(Debug)]
 pub struct Context {
-    pub startup_gate: Option<StartupGate>,
-    /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
-    /// balancers' checks. Shared with `/status`, which shows it.
-    pub gate_opened: Arc<AtomicBool>,
+    /// Notified after each `/ready` check recorded: the start-up gate looks again at once.
+    pub checker_recorded: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
     pub lb_sources: Vec<Cidr>,
@@ -118,32 +115,6 @@ impl Context {
                 .lb_sources
                 .iter()
                 .any(|range| range.contains(checker.addr))
-    }
-
-    /// Whether the start-up gate still holds the kubelet back from a ready app.
-    fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
-        let Some(gate) = self.startup_gate else {
-            return false;
-        };
-        if self.gate_opened.load(Ordering::Relaxed) {
-            return false;
-        }
-        let verdict = gate.state(checkers, state.ready_since, now);
-        match verdict {
-            GateState::Waiting => return true,
-            GateState::Open => info!(
-                event = "gate_opened",
-                probes = gate.probes,
-                "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
-            ),
-            GateState::TimedOut => warn!(event = "gate_timed_out",
-                timeout_ms = gate.timeout.as_millis() as u64,
-                waiting_for = ?checkers.holding_the_gate(now, gate.probes),
-                "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
-            ),
-        }
-        self.gate_opened.store(true, Ordering::Relaxed);
-        false
     }
 }
 
@@ -389,41 +360,44 @@ fn probe(
 ) -> Response<Full<Bytes>> {
     let checker = CheckerId::new(peer, asked.agent);
     let now = Instant::now();
-    let held = asked.path == "/ready"
-        && checker.is_kubelet()
-        && state.is_ready()
-        && context.gate_holds(&observers.checkers(), state, now);
+    let held = asked.path == "/ready" && checker.is_kubelet() && state.gate_holds();
     let response = if held {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: waiting for the load balancers (start-up gate)\n",
         )
     } else {
-        respond(request, state)
+        respond(request, state.kind())
     };
     if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()
             .record(checker, now, ready, state.drain_has_started());
+        context.checker_recorded.notify_one();
     }
     response
 }
 
-/// The answer to one probe request, given the lifecycle's state.
-pub fn respond(request: &Request<Incoming>, state: State) -> Response<Full<Bytes>> {
+/// The answer to one probe request, given the current phase.
+pub fn respond(request: &Request<Incoming>, phase: PhaseKind) -> Response<Full<Bytes>> {
     let wants_json = request
         .headers()
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|accept| accept.contains("application/json"));
-    answer(request.method(), request.uri().path(), wants_json, state)
+    answer(request.method(), request.uri().path(), wants_json, phase)
 }
 
-fn answer(method: &Method, path: &str, wants_json: bool, state: State) -> Response<Full<Bytes>> {
+fn answer(
+    method: &Method,
+    path: &str,
+    wants_json: bool,
+    phase: PhaseKind,
+) -> Response<Full<Bytes>> {
     let (probe, healthy) = match path {
-        "/alive" => ("alive", state.is_alive()),
-        "/ready" => ("ready", state.is_ready()),
+        "/alive" => ("alive", phase.is_alive()),
+        "/ready" => ("ready", phase.is_ready()),
         _ => {
             return plain(
                 StatusCode::NOT_FOUND,
@@ -446,9 +420,8 @@ fn answer(method: &Method, path: &str, wants_json: bool, state: State) -> Respon
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let phase = state.kind().label();
     if wants_json {
-        let body = serde_json::json!({ probe: healthy, "phase": phase }).to_string() + "\n";
+        let body = serde_json::json!({ probe: healthy, "phase": phase.label() }).to_string() + "\n";
         return with_body(status, "application/json", body);
     }
     let verdict = if healthy {
@@ -479,40 +452,32 @@ fn with_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::{DrainTrigger, Phase};
 
-    fn at(phase: Phase) -> State {
-        State {
-            phase,
-            drain_started: None,
-            ready_since: None,
-        }
-    }
-
-    fn status(method: Method, path: &str, phase: Phase) -> StatusCode {
-        answer(&method, path, false, at(phase)).status()
+    fn status(method: Method, path: &str, phase: PhaseKind) -> StatusCode {
+        answer(&method, path, false, phase).status()
     }
 
     #[test]
     fn ready_only_while_ready_alive_until_exit() {
-        let draining = Phase::Draining {
-            trigger: DrainTrigger::Sigterm,
-        };
-        assert_eq!(status(Method::GET, "/ready", Phase::Ready), StatusCode::OK);
+        let draining = PhaseKind::Draining;
+        assert_eq!(
+            status(Method::GET, "/ready", PhaseKind::Ready),
+            StatusCode::OK
+        );
         assert_eq!(
             status(Method::GET, "/ready", draining),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            status(Method::GET, "/ready", Phase::Starting),
+            status(Method::GET, "/ready", PhaseKind::Starting),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(status(Method::HEAD, "/alive", draining), StatusCode::OK);
         assert_eq!(
-            status(Method::GET, "/alive", Phase::Stopping),
+            status(Method::GET, "/alive", PhaseKind::Stopping),
             StatusCode::OK
         );
-        let exited = Phase::Exited { code: 0 };
+        let exited = PhaseKind::Exited;
         assert_eq!(
             status(Method::GET, "/alive", exited),
             StatusCode::SERVICE_UNAVAILABLE
@@ -522,22 +487,22 @@ mod tests {
     #[test]
     fn unknown_paths_and_methods() {
         assert_eq!(
-            status(Method::GET, "/", Phase::Ready),
+            status(Method::GET, "/", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            status(Method::POST, "/ready", Phase::Ready),
+            status(Method::POST, "/ready", PhaseKind::Ready),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            status(Method::DELETE, "/nope", Phase::Ready),
+            status(Method::DELETE, "/nope", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
     }
 
     #[test]
     fn json_names_the_phase() {
-        let response = answer(&Method::GET, "/ready", true, at(Phase::Drained));
+        let response = answer(&Method::GET, "/ready", true, PhaseKind::Drained);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }

@@ -27,7 +27,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::app;
-use crate::checkers::Checkers;
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
 use crate::listening::{self, ListenCheck};
@@ -378,44 +377,6 @@ pub struct ReadinessConfig {
     pub min_ready: Duration,
 }
 
-/// `--ready-after-lb-probes`: the kubelet is told "not ready" until the load balancers checking
-/// `/ready` have each seen it healthy `probes` times in a row (they are told the truth at once),
-/// so a rollout does not stop an old pod before the load balancers use the new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StartupGate {
-    pub probes: u32,
-    /// After this long ready, the gate opens anyway (with a warning).
-    pub timeout: Duration,
-}
-
-/// Whether the gate lets the kubelet see the pod ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateState {
-    Waiting,
-    Open,
-    /// Opened by the timeout: no load balancer confirmed.
-    TimedOut,
-}
-
-impl StartupGate {
-    pub fn state(
-        &self,
-        checkers: &Checkers,
-        ready_since: Option<Instant>,
-        now: Instant,
-    ) -> GateState {
-        if checkers.all_healthy(now, self.probes) {
-            GateState::Open
-        } else if ready_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= self.timeout)
-        {
-            GateState::TimedOut
-        } else {
-            GateState::Waiting
-        }
-    }
-}
-
 /// The last check and since when the check has passed without a break, for `/status`.
 #[derive(Debug, Default)]
 pub struct CheckLog {
@@ -467,7 +428,7 @@ pub async fn run(
     let mut reminded = started;
     let _ = tokio::time::timeout(running.first_look_after(), state.changed()).await;
     loop {
-        if state.borrow_and_update().phase.drain_has_started() {
+        if state.borrow_and_update().drain_has_started() {
             return;
         }
         let outcome = running.run(config.timeout).await;

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::lifecycle::{Phase, State};
+use crate::lifecycle::{PhaseKind, State};
 use crate::tcp::{self, Connection, TcpSampler};
 
 /// How far back the arrival rate before the drain is measured.
@@ -294,18 +294,17 @@ pub async fn monitor(
     // Nothing arrives at an app the moment it is spawned: the first look waits one reading
     // interval, and a command that is gone by then (`drainit -- true`) costs no blocking thread.
     let _ = tokio::time::timeout(BEFORE_DRAIN.counter, state.changed()).await;
-    if matches!(state.borrow().phase, Phase::Exited { .. }) {
+    if state.borrow().kind() == PhaseKind::Exited {
         return;
     }
     loop {
-        let State {
-            phase: current,
-            drain_started,
-            ..
-        } = *state.borrow_and_update();
+        let (current, drain_started) = {
+            let state = state.borrow_and_update();
+            (state.kind(), state.drain_started())
+        };
         // The first look after the stop signal closes the window that straddles it, so that
         // later readings count as late (see `Traffic::late_events`).
-        let first_look_after_stop = matches!(current, Phase::Stopping) && !stop_seen;
+        let first_look_after_stop = current == PhaseKind::Stopping && !stop_seen;
         if first_look_after_stop {
             stop_seen = true;
             lock(&traffic).mark_stopped(Instant::now());
@@ -369,7 +368,7 @@ pub async fn monitor(
                 "late arrival: requests reached the app after its stop signal (the drain ended too early)"
             );
         }
-        if matches!(current, Phase::Exited { .. }) {
+        if current == PhaseKind::Exited {
             return;
         }
         // Wake early when the phase changes, so sampling speeds up as soon as the drain starts.
@@ -386,9 +385,9 @@ struct Cadence {
 }
 
 impl Cadence {
-    fn of(phase: Phase) -> Self {
+    fn of(phase: PhaseKind) -> Self {
         match phase {
-            Phase::Stopping | Phase::Exited { .. } => AFTER_STOP,
+            PhaseKind::Stopping | PhaseKind::Exited => AFTER_STOP,
             _ if phase.drain_has_started() => DURING_DRAIN,
             _ => BEFORE_DRAIN,
         }
