@@ -215,7 +215,13 @@ fn observe_traffic(
     lifecycle: &Lifecycle,
     metrics: Arc<Metrics>,
 ) -> Observers {
-    let observers = Observers::new(config.app_ports.clone());
+    let observers = Observers::new(config.app_ports.clone(), &config.drain);
+    tokio::spawn(
+        config
+            .drain
+            .clone()
+            .preview(observers.clone(), lifecycle.subscribe()),
+    );
     let own_port = traffic::OwnPort {
         port: probes.local_addr().map_or(0, |a| a.port()),
         listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),

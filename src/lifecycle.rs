@@ -139,6 +139,16 @@ pub struct State {
     pub ready_since: Option<Instant>,
 }
 
+impl State {
+    pub fn drain_has_started(&self) -> bool {
+        self.phase.drain_has_started()
+    }
+
+    pub fn drain_started(&self) -> Option<Instant> {
+        self.drain_started
+    }
+}
+
 /// The writer's side: applies events, logs each transition, publishes the state.
 pub struct Lifecycle {
     state: watch::Sender<State>,

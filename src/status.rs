@@ -3,9 +3,10 @@
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::drain::{DrainPolicy, Observers, traffic};
+use crate::drain::{Observers, traffic};
 use crate::health::Context;
 use crate::lifecycle::State;
 use crate::readiness;
@@ -13,41 +14,16 @@ use crate::readiness;
 /// The live state of drainit, its app check and its watchers.
 pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
     let now = Instant::now();
-    let (policy, threshold, quiet) = match &context.drain {
-        DrainPolicy::Fixed(delay) => (
-            json!({ "fixed_delay_ms": delay.as_millis() as u64 }),
-            None,
-            None,
-        ),
-        DrainPolicy::Watched(watched) => {
-            let watchers: Vec<String> = watched.watchers.iter().map(ToString::to_string).collect();
-            let policy = json!({
-                "watch": watchers,
-                "min_ms": watched.min.as_millis() as u64,
-                "max_ms": watched.max.as_millis() as u64,
-            });
-            let quiet = watched
-                .watches_traffic()
-                .then_some((watched.quiet_period, watched.max));
-            (policy, Some(watched.lb_unhealthy_threshold), quiet)
-        }
-    };
-    let threshold_or_default = threshold.unwrap_or(2);
+    let view = observers.drain_view().borrow().clone();
     let checkers = observers.checkers();
     let traffic = traffic::lock(&observers.traffic);
-    let origin = state.drain_started.unwrap_or(now);
-    let quiet = quiet.map(|(period, max)| period.resolve(traffic.rate(origin), max));
-    let mut traffic_view = traffic.status(now, quiet.as_ref().map(|(d, why)| (*d, why.as_str())));
-    if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started) {
-        traffic_view["drained"] = json!(traffic.quiet_for(started) >= *period);
-    }
     json!({
         "phase": state.phase.name(),
         "uptime_ms": context.started.elapsed().as_millis() as u64,
         "app_pid": context.app_pid,
         "drain_elapsed_ms": state.drain_started.map(|t| t.elapsed().as_millis() as u64),
-        "drain_policy": policy,
-        "traffic": traffic_view,
+        "drain_policy": view.policy,
+        "traffic": merged(traffic.status(now), &view.traffic),
         "app_check": readiness::lock(&context.check_log).status(&context.readiness, now),
         "startup_gate": context.startup_gate.map(|gate| json!({
             "probes": gate.probes,
@@ -55,10 +31,20 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
             "open": context.gate_opened.load(Ordering::Relaxed),
         })),
         "lb_probes": {
-            "unhealthy_threshold": threshold,
-            "drained": threshold.and(state.drain_started).map(|t| checkers.drained(now, t, threshold_or_default)),
-            "checkers": checkers.status(now, state.drain_started, threshold_or_default),
+            "unhealthy_threshold": view.lb_probes.unhealthy_threshold,
+            "drained": view.lb_probes.drained,
+            "checkers": checkers.status(now, state.drain_started, view.lb_probes.states_against),
             "checkers_dropped": checkers.dropped,
         },
     })
+}
+
+/// What a watcher sees, with what the drain decided from it.
+fn merged(mut seen: Value, decided: &impl Serialize) -> Value {
+    if let (Value::Object(seen), Ok(Value::Object(decided))) =
+        (&mut seen, serde_json::to_value(decided))
+    {
+        seen.extend(decided);
+    }
+    seen
 }

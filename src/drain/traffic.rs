@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::evidence::Quiet;
 use crate::lifecycle::{Phase, State};
 use crate::metrics::Metrics;
 use crate::tcp::{self, Connection, TcpSampler};
@@ -211,7 +212,8 @@ impl Traffic {
         })
     }
 
-    pub fn status(&self, now: Instant, quiet: Option<(Duration, &str)>) -> Value {
+    /// What the watcher sees, for `/status` (what the drain decided is published apart).
+    pub fn status(&self, now: Instant) -> Value {
         let ago =
             |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
         json!({
@@ -220,8 +222,6 @@ impl Traffic {
             "rate_per_s": self.rate(now),
             "last_activity_ms_ago": ago(self.last_activity),
             "last_new_connection_ms_ago": ago(self.last_new_connection),
-            "quiet_period_ms": quiet.map(|(d, _)| d.as_millis() as u64),
-            "quiet_period_reason": quiet.map(|(_, why)| why),
             "late_events": self.late_events,
             "blind_spot": self.blind_spot,
         })
@@ -242,8 +242,8 @@ impl QuietPeriod {
     /// that happens with probability about r * W * e^(-rT). T = ln(1000 * max(1, rW)) / r makes
     /// it 0.1 % for the whole drain, not just for one gap. Never under 1 s, never past `max`;
     /// with no measurable rate, `max`.
-    pub fn resolve(self, rate: Option<f64>, max: Duration) -> (Duration, String) {
-        match (self, rate) {
+    pub fn resolve(self, rate: Option<f64>, max: Duration) -> Quiet {
+        let (period, reason) = match (self, rate) {
             (QuietPeriod::Fixed(period), _) => (period, "fixed by --quiet-period".into()),
             (QuietPeriod::Auto, Some(rate)) if rate > 0.0 => {
                 let chances = (rate * max.as_secs_f64()).max(1.0);
@@ -259,7 +259,8 @@ impl QuietPeriod {
                 max,
                 "auto: too little traffic before the drain to measure, using --drain-max".into(),
             ),
-        }
+        };
+        Quiet { period, reason }
     }
 }
 
@@ -784,22 +785,30 @@ mod tests {
     #[test]
     fn the_auto_quiet_period_follows_the_rate_within_bounds() {
         let max = Duration::from_secs(30);
-        let (fast, _) = QuietPeriod::Auto.resolve(Some(200.0), max);
+        let fast = QuietPeriod::Auto.resolve(Some(200.0), max).period;
         assert_eq!(fast, MIN_QUIET, "at 200/s, 35 ms would do: never under 1 s");
         // 3/s over a 30 s drain: 90 chances of a gap, ln(90,000)/3 = 3.80 s.
-        let (slow, why) = QuietPeriod::Auto.resolve(Some(3.0), max);
+        let Quiet {
+            period: slow,
+            reason: why,
+        } = QuietPeriod::Auto.resolve(Some(3.0), max);
         assert!((slow.as_secs_f64() - 3.80).abs() < 0.01, "{slow:?}");
         assert!(why.contains("3.00 arrivals/s"), "{why}");
         // The shorter the drain, the fewer chances: 3/s over 5 s gives ln(15,000)/3 = 3.21 s.
-        let (short, _) = QuietPeriod::Auto.resolve(Some(3.0), Duration::from_secs(5));
+        let short = QuietPeriod::Auto
+            .resolve(Some(3.0), Duration::from_secs(5))
+            .period;
         assert!((short.as_secs_f64() - 3.21).abs() < 0.01, "{short:?}");
-        let (rare, _) = QuietPeriod::Auto.resolve(Some(0.1), max);
+        let rare = QuietPeriod::Auto.resolve(Some(0.1), max).period;
         assert_eq!(rare, max, "80 s would do: never past --drain-max");
-        let (unknown, why) = QuietPeriod::Auto.resolve(None, max);
+        let Quiet {
+            period: unknown,
+            reason: why,
+        } = QuietPeriod::Auto.resolve(None, max);
         assert_eq!(unknown, max);
         assert!(why.contains("too little traffic"), "{why}");
         assert_eq!(
-            QuietPeriod::Fixed(MS(700)).resolve(Some(5.0), max).0,
+            QuietPeriod::Fixed(MS(700)).resolve(Some(5.0), max).period,
             MS(700)
         );
     }
