@@ -4,6 +4,7 @@
 
 pub mod evidence;
 pub mod lb_probes;
+pub mod sampling;
 pub mod traffic;
 pub mod view;
 
@@ -313,8 +314,9 @@ impl WatchedDrain {
         {
             warn!(
                 event = "traffic_never_quiet",
-                last_request_ms = evidence.seen.last_request_ms,
-                open_connections = evidence.seen.open_connections,
+                // Rendered as before the evidence was typed: the log's fields keep their shape.
+                last_request_ms = %serde_json::json!(evidence.seen.last_request_ms),
+                open_connections = %evidence.seen.open_connections,
                 "traffic never went quiet: requests still arrive (a long-lived stream, or a load balancer still routing here); the drain ends at --drain-max"
             );
         }

@@ -139,7 +139,59 @@ pub struct State {
     pub ready_since: Option<Instant>,
 }
 
+/// The phase without its data: what readers of the lifecycle branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseKind {
+    Starting,
+    Ready,
+    Unready,
+    Draining,
+    Drained,
+    Stopping,
+    Exited,
+}
+
+impl PhaseKind {
+    pub const ALL: [PhaseKind; 7] = [
+        PhaseKind::Starting,
+        PhaseKind::Ready,
+        PhaseKind::Unready,
+        PhaseKind::Draining,
+        PhaseKind::Drained,
+        PhaseKind::Stopping,
+        PhaseKind::Exited,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            PhaseKind::Starting => "starting",
+            PhaseKind::Ready => "ready",
+            PhaseKind::Unready => "unready",
+            PhaseKind::Draining => "draining",
+            PhaseKind::Drained => "drained",
+            PhaseKind::Stopping => "stopping",
+            PhaseKind::Exited => "exited",
+        }
+    }
+}
+
 impl State {
+    pub fn kind(&self) -> PhaseKind {
+        match self.phase {
+            Phase::Starting => PhaseKind::Starting,
+            Phase::Ready => PhaseKind::Ready,
+            Phase::Unready => PhaseKind::Unready,
+            Phase::Draining { .. } => PhaseKind::Draining,
+            Phase::Drained => PhaseKind::Drained,
+            Phase::Stopping => PhaseKind::Stopping,
+            Phase::Exited { .. } => PhaseKind::Exited,
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.phase.is_alive()
+    }
+
     pub fn drain_has_started(&self) -> bool {
         self.phase.drain_has_started()
     }
