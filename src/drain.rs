@@ -480,18 +480,22 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn traffic_ends_the_drain_a_quiet_period_after_the_last_request() {
+    /// A drain watching traffic (300 ms quiet period) that arrives until `busy_until`.
+    async fn traffic_drain(min: u64, max: u64, busy_until: Duration) -> (DrainEnd, Observers) {
         let started = Instant::now();
-        let policy = watched(&[Watcher::Traffic], 500, 10_000);
+        let policy = watched(&[Watcher::Traffic], min, max);
         let observers = observers(&policy);
-        let sampler = tokio::spawn(simulated_sampler(
-            observers.traffic.clone(),
-            started,
-            MS(1050),
-        ));
+        let traffic = observers.traffic.clone();
+        let sampler = tokio::spawn(simulated_sampler(traffic, started, busy_until));
         let end = policy.run(started, observers.clone()).await;
         sampler.abort();
+        assert_eq!(Instant::now() - started, end.elapsed);
+        (end, observers)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn traffic_ends_the_drain_a_quiet_period_after_the_last_request() {
+        let (end, observers) = traffic_drain(500, 10_000, MS(1050)).await;
         assert_eq!(end.reason, EndReason::Watchers);
         // The last request seen at 1,050 ms; quiet vouched for up to the 1,350 ms sample: the
         // 1,400 ms tick ends it.
@@ -507,16 +511,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn traffic_quiet_before_the_floor_ends_at_the_floor() {
-        let started = Instant::now();
-        let policy = watched(&[Watcher::Traffic], 2000, 10_000);
-        let observers = observers(&policy);
-        let sampler = tokio::spawn(simulated_sampler(
-            observers.traffic.clone(),
-            started,
-            MS(150),
-        ));
-        let end = policy.run(started, observers).await;
-        sampler.abort();
+        let (end, _) = traffic_drain(2000, 10_000, MS(150)).await;
         assert_eq!(end.reason, EndReason::Floor);
         assert_eq!(end.elapsed, MS(2000));
         assert_eq!(judged(&end).drained.since(Watcher::Traffic), Some(MS(500)));
@@ -524,16 +519,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn traffic_that_never_stops_is_capped() {
-        let started = Instant::now();
-        let policy = watched(&[Watcher::Traffic], 0, 3000);
-        let observers = observers(&policy);
-        let sampler = tokio::spawn(simulated_sampler(
-            observers.traffic.clone(),
-            started,
-            Duration::MAX,
-        ));
-        let end = policy.run(started, observers).await;
-        sampler.abort();
+        let (end, _) = traffic_drain(0, 3000, Duration::MAX).await;
         assert_eq!(end.reason, EndReason::Cap);
         assert_eq!(end.elapsed, MS(3000));
         assert!(!end.evidence.drained(Watcher::Traffic));

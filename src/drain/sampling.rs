@@ -189,10 +189,12 @@ mod tests {
         sockets_may_have_changed: false,
     };
 
-    /// The looks made every `every` over `span`, with what each read.
-    fn looks(plan: &mut Plan, stage: Stage, known: Known, t0: Instant, span: u64) -> Vec<Look> {
+    /// The looks a fresh plan makes over `span` ms at the stage's cadence, with what each read.
+    fn looks(discovers_ports: bool, stage: Stage, known: Known, span: u64) -> Vec<Look> {
+        let mut plan = Plan::new(discovers_ports);
         let every = stage.next_look_in();
         let mut looks = vec![];
+        let t0 = Instant::now();
         let mut at = t0;
         while at <= t0 + MS(span) {
             let look = plan.look(stage, known, at);
@@ -208,8 +210,12 @@ mod tests {
         looks
     }
 
-    fn count(looks: &[Look], what: fn(&Look) -> bool) -> usize {
-        looks.iter().filter(|l| what(l)).count()
+    fn dumps(looks: &[Look]) -> usize {
+        looks.iter().filter(|l| l.dump_sockets).count()
+    }
+
+    fn discoveries(looks: &[Look]) -> usize {
+        looks.iter().filter(|l| l.discover_ports).count()
     }
 
     #[test]
@@ -240,44 +246,26 @@ mod tests {
 
     #[test]
     fn before_the_drain_an_idle_app_is_dumped_every_10_s_at_most() {
-        let mut plan = Plan::new(false);
-        let t0 = Instant::now();
-        let looks = looks(&mut plan, Stage::BeforeDrain, IDLE, t0, 20_000);
+        let looks = looks(false, Stage::BeforeDrain, IDLE, 20_000);
         assert!(looks[0].dump_sockets, "the first look dumps");
-        // At 0, 10 s and 20 s.
-        assert_eq!(count(&looks, |l| l.dump_sockets), 3);
-        assert_eq!(count(&looks, |l| l.discover_ports), 0, "ports were given");
+        assert_eq!(dumps(&looks), 3, "at 0, 10 s and 20 s");
+        assert_eq!(discoveries(&looks), 0, "ports were given");
     }
 
     #[test]
     fn before_the_drain_connections_are_dumped_every_2_s_more_per_thousand() {
-        let t0 = Instant::now();
         let busy = Known {
             open_connections: 10,
             sockets_may_have_changed: true,
             ..IDLE
         };
-        let mut plan = Plan::new(false);
-        assert_eq!(
-            count(
-                &looks(&mut plan, Stage::BeforeDrain, busy, t0, 9_999),
-                |l| l.dump_sockets
-            ),
-            5
-        );
+        assert_eq!(dumps(&looks(false, Stage::BeforeDrain, busy, 9_999)), 5);
         let crowded = Known {
             open_connections: 2500,
             ..busy
         };
-        let mut plan = Plan::new(false);
-        assert_eq!(
-            count(
-                &looks(&mut plan, Stage::BeforeDrain, crowded, t0, 11_999),
-                |l| l.dump_sockets
-            ),
-            2,
-            "every 6 s"
-        );
+        let looks = looks(false, Stage::BeforeDrain, crowded, 11_999);
+        assert_eq!(dumps(&looks), 2, "every 6 s");
         assert_eq!(
             dump_interval_before_drain(usize::MAX),
             SKIPPED_DUMPS_AT_MOST
@@ -286,15 +274,10 @@ mod tests {
 
     #[test]
     fn during_the_drain_sockets_are_dumped_every_500_ms_idle_or_not() {
-        let mut plan = Plan::new(true);
-        let looks = looks(&mut plan, Stage::Draining, IDLE, Instant::now(), 1_900);
-        assert_eq!(count(&looks, |l| l.dump_sockets), 4);
-        assert_eq!(
-            count(&looks, |l| l.discover_ports),
-            0,
-            "not during the drain"
-        );
-        assert_eq!(count(&looks, |l| l.marks_stop), 0);
+        let looks = looks(true, Stage::Draining, IDLE, 1_900);
+        assert_eq!(dumps(&looks), 4);
+        assert_eq!(discoveries(&looks), 0, "not during the drain");
+        assert!(looks.iter().all(|l| !l.marks_stop));
     }
 
     #[test]
@@ -312,16 +295,17 @@ mod tests {
 
     #[test]
     fn ports_are_looked_for_often_until_found_then_rarely() {
-        let t0 = Instant::now();
         let unknown = Known {
             ports_known: false,
             ..IDLE
         };
-        let mut plan = Plan::new(true);
-        let looks_unknown = looks(&mut plan, Stage::BeforeDrain, unknown, t0, 1_999);
-        assert_eq!(count(&looks_unknown, |l| l.discover_ports), 4);
-        let mut plan = Plan::new(true);
-        let looks_known = looks(&mut plan, Stage::BeforeDrain, IDLE, t0, 59_999);
-        assert_eq!(count(&looks_known, |l| l.discover_ports), 2);
+        assert_eq!(
+            discoveries(&looks(true, Stage::BeforeDrain, unknown, 1_999)),
+            4
+        );
+        assert_eq!(
+            discoveries(&looks(true, Stage::BeforeDrain, IDLE, 59_999)),
+            2
+        );
     }
 }
