@@ -28,8 +28,8 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::cidr::Cidr;
+use crate::drain::Observers;
 use crate::drain::lb_probes::{self, CheckerId, Checkers};
-use crate::drain::{DrainPolicy, Observers};
 use crate::exit::StartupError;
 use crate::lifecycle::{Phase, State};
 use crate::metrics::{self, Metrics};
@@ -100,7 +100,6 @@ pub fn announce(listener: &TcpListener) {
 pub struct Context {
     pub started: Instant,
     pub app_pid: i32,
-    pub drain: DrainPolicy,
     pub readiness: ReadinessConfig,
     pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,

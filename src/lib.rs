@@ -147,7 +147,6 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let context = health::Context {
         started,
         app_pid: app.pid.as_raw(),
-        drain: config.drain.clone(),
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
