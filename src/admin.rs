@@ -6,9 +6,10 @@ use std::sync::Arc;
 
 use tokio::time::Instant;
 
+use serde::Serialize;
 use serde_json::{Value, json};
 
-use crate::drain::{DrainPolicy, Observers, traffic};
+use crate::drain::{Observers, traffic};
 use crate::gate::StartupGate;
 use crate::lifecycle::State;
 use crate::metrics::{self, Metrics};
@@ -20,7 +21,6 @@ use crate::readiness::{self, ReadinessConfig, SharedCheckLog};
 pub struct Context {
     pub started: Instant,
     pub app_pid: i32,
-    pub drain: DrainPolicy,
     pub readiness: ReadinessConfig,
     pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,
@@ -52,41 +52,16 @@ pub fn page(path: &str, state: State, observers: &Observers, context: &Context) 
 /// `/status`: the live state of drainit, its app check and its watchers.
 pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
     let now = Instant::now();
-    let (policy, threshold, quiet) = match &context.drain {
-        DrainPolicy::Fixed(delay) => (
-            json!({ "fixed_delay_ms": delay.as_millis() as u64 }),
-            None,
-            None,
-        ),
-        DrainPolicy::Watched(watched) => {
-            let watchers: Vec<String> = watched.watchers.iter().map(ToString::to_string).collect();
-            let policy = json!({
-                "watch": watchers,
-                "min_ms": watched.min.as_millis() as u64,
-                "max_ms": watched.max.as_millis() as u64,
-            });
-            let quiet = watched
-                .watches_traffic()
-                .then_some((watched.quiet_period, watched.max));
-            (policy, Some(watched.lb_unhealthy_threshold), quiet)
-        }
-    };
-    let threshold_or_default = threshold.unwrap_or(2);
+    let view = observers.drain_view().borrow().clone();
     let checkers = observers.checkers();
     let traffic = traffic::lock(&observers.traffic);
-    let origin = state.drain_started().unwrap_or(now);
-    let quiet = quiet.map(|(period, max)| period.resolve(traffic.rate(origin), max));
-    let mut traffic_view = traffic.status(now, quiet.as_ref().map(|(d, why)| (*d, why.as_str())));
-    if let (Some((period, _)), Some(started)) = (&quiet, state.drain_started()) {
-        traffic_view["drained"] = json!(traffic.quiet_for(started) >= *period);
-    }
     json!({
         "phase": state.kind().label(),
         "uptime_ms": context.started.elapsed().as_millis() as u64,
         "app_pid": context.app_pid,
         "drain_elapsed_ms": state.drain_started().map(|t| t.elapsed().as_millis() as u64),
-        "drain_policy": policy,
-        "traffic": traffic_view,
+        "drain_policy": view.policy,
+        "traffic": merged(traffic.status(now), &view.traffic),
         "app_check": readiness::lock(&context.check_log).status(&context.readiness, now),
         "startup_gate": context.startup_gate.map(|gate| json!({
             "probes": gate.probes,
@@ -94,12 +69,22 @@ pub fn render(state: State, observers: &Observers, context: &Context) -> Value {
             "open": state.gate_is_open(),
         })),
         "lb_probes": {
-            "unhealthy_threshold": threshold,
-            "drained": threshold.and(state.drain_started()).map(|t| checkers.drained(now, t, threshold_or_default)),
-            "checkers": checkers.status(now, state.drain_started(), threshold_or_default),
+            "unhealthy_threshold": view.lb_probes.unhealthy_threshold,
+            "drained": view.lb_probes.drained,
+            "checkers": checkers.status(now, state.drain_started(), view.lb_probes.states_against),
             "checkers_dropped": checkers.dropped,
         },
     })
+}
+
+/// What a watcher sees, with what the drain decided from it.
+fn merged(mut seen: Value, decided: &impl Serialize) -> Value {
+    if let (Value::Object(seen), Ok(Value::Object(decided))) =
+        (&mut seen, serde_json::to_value(decided))
+    {
+        seen.extend(decided);
+    }
+    seen
 }
 
 #[cfg(test)]
@@ -107,6 +92,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    use crate::drain::DrainPolicy;
     use crate::lifecycle::{DrainTrigger, Gate, Shutdown};
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -115,7 +101,6 @@ mod tests {
         Context {
             started: Instant::now(),
             app_pid: 42,
-            drain: DrainPolicy::Fixed(MS(5000)),
             readiness: ReadinessConfig {
                 check: None,
                 interval: MS(1000),
@@ -145,7 +130,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn status_renders_the_published_state_on_tokios_clock() {
-        let (context, observers) = (context(), Observers::new(vec![]));
+        let (context, observers) = (
+            context(),
+            Observers::new(vec![], &DrainPolicy::Fixed(MS(5000))),
+        );
         tokio::time::advance(MS(1500)).await;
         let state = draining_since(Instant::now());
         tokio::time::advance(MS(700)).await;
@@ -163,7 +151,10 @@ mod tests {
 
     #[test]
     fn metrics_are_an_admin_page_probes_are_not() {
-        let (context, observers) = (context(), Observers::new(vec![]));
+        let (context, observers) = (
+            context(),
+            Observers::new(vec![], &DrainPolicy::Fixed(MS(5000))),
+        );
         let state = draining_since(Instant::now());
         let metrics = page("/metrics", state, &observers, &context).unwrap();
         assert_eq!(metrics.content_type, metrics::CONTENT_TYPE);

@@ -178,7 +178,6 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let admin = admin::Context {
         started,
         app_pid: app.pid.as_raw(),
-        drain: config.drain.clone(),
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
@@ -244,7 +243,13 @@ fn observe_traffic(
     lifecycle: &Lifecycle,
     metrics: Arc<Metrics>,
 ) -> Observers {
-    let observers = Observers::new(config.app_ports.clone());
+    let observers = Observers::new(config.app_ports.clone(), &config.drain);
+    tokio::spawn(
+        config
+            .drain
+            .clone()
+            .preview(observers.clone(), lifecycle.subscribe()),
+    );
     let own_port = traffic::OwnPort {
         port: probes.local_addr().map_or(0, |a| a.port()),
         listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),

@@ -204,7 +204,7 @@ impl Supervisor {
             let end = DrainEnd {
                 reason: EndReason::NeverReady,
                 elapsed: Duration::ZERO,
-                report: self.observers.evidence(started),
+                evidence: self.observers.evidence(started),
             };
             Box::pin(std::future::ready(end))
         } else {
@@ -229,7 +229,7 @@ impl Supervisor {
         self.report_drain_end(&DrainEnd {
             reason: EndReason::Interrupted,
             elapsed: started.elapsed(),
-            report: self.observers.evidence(started),
+            evidence: self.observers.evidence(started),
         });
     }
 
@@ -238,7 +238,7 @@ impl Supervisor {
         info!(event = "drain_over",
             reason = end.reason.as_str(),
             elapsed_ms = end.elapsed.as_millis() as u64,
-            evidence = %end.report,
+            evidence = %end.evidence,
             "drain over"
         );
         self.metrics.drain_ended(end.reason, end.elapsed);
