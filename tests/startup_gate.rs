@@ -24,24 +24,21 @@
 //! network namespace per replica, is not used. HAProxy is not optional: CI installs it, and a test
 //! that skipped itself would be a test that cannot fail.
 
-mod lb;
+mod common;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::Value;
 
-use lb::{
-    Arrivals, Backend, Clock, Haproxy, HealthCheck, Load, LoadReport, Proc, Retries, SLOW, Tuning,
-    children_of, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_exchange, opt_ms,
-    unique_control,
+use common::{
+    Arrivals, Backend, Clock, Drainit, Haproxy, HealthCheck, Load, LoadReport, Retries, SLOW,
+    Tuning, demo, free_ports, get_request, haproxy_bin, is_phase, opt_ms, try_request,
 };
 
 /// The load balancer of the issue: two passed checks 1 s apart to take a server in, one failed
@@ -247,7 +244,7 @@ fn rolling_restart(gate: Gate) -> Outcome {
                 statuses.current("old"),
                 statuses.current("new"),
                 haproxy.proc.output(),
-                old.proc.output()
+                old.drainit.proc.output()
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -367,8 +364,8 @@ fn rolling_restart(gate: Gate) -> Outcome {
         }
         if gate == Gate::On && !failures.is_empty() {
             let _ = writeln!(r, "HAProxy output:\n{}", haproxy.proc.output());
-            let _ = writeln!(r, "old replica output:\n{}", old.proc.output());
-            let _ = writeln!(r, "new replica output:\n{}", new.proc.output());
+            let _ = writeln!(r, "old replica output:\n{}", old.drainit.proc.output());
+            let _ = writeln!(r, "new replica output:\n{}", new.drainit.proc.output());
         }
         // One print: the two scenarios run in parallel and must not interleave their reports.
         print!("{report}");
@@ -409,11 +406,7 @@ impl Statuses {
         while !stop.load(Ordering::Relaxed) {
             for server in ["old", "new"] {
                 // HAProxy may be going away at the end of a failed test: no panic here.
-                let Some(status) = haproxy
-                    .try_command("show stat")
-                    .ok()
-                    .and_then(|stat| status_in(&stat, server))
-                else {
+                let Some(status) = haproxy.try_stat(server).map(|row| row["status"].clone()) else {
                     continue;
                 };
                 let previous = self.current(server);
@@ -459,18 +452,6 @@ impl Statuses {
             .find(|(at, s, status)| *at >= since && s == server && matches(status))
             .map(|(at, _, _)| *at)
     }
-}
-
-/// The `status` column of backend `be`'s `server` in a `show stat` answer.
-fn status_in(stat: &str, server: &str) -> Option<String> {
-    let mut lines = stat.lines();
-    let header: Vec<&str> = lines.next()?.strip_prefix("# ")?.split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
-    let (px, sv, st) = (column("pxname")?, column("svname")?, column("status")?);
-    lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .find(|row| row.get(px) == Some(&"be") && row.get(sv) == Some(&server))
-        .and_then(|row| row.get(st).map(|s| (*s).to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -522,7 +503,7 @@ impl Kubelet {
                 Ok((503, _)) => not_ready += 1,
                 Ok((code, body)) => panic!(
                     "{label}: the kubelet's /ready probe got {code}: {body}\nnew replica:\n{}",
-                    replica.proc.output()
+                    replica.drainit.proc.output()
                 ),
                 Err(_) => unreachable += 1,
             }
@@ -531,7 +512,7 @@ impl Kubelet {
                 "{label}: the kubelet did not see the new replica ready within {READY_WITHIN:?} \
                  ({probes} probes: {unreachable} unreachable, {not_ready} not ready, {held} held \
                  by the start-up gate):\nnew replica:\n{}",
-                replica.proc.output()
+                replica.drainit.proc.output()
             );
             thread::sleep((sent + KUBELET_PERIOD).saturating_duration_since(Instant::now()));
         }
@@ -540,11 +521,7 @@ impl Kubelet {
 
 /// One kubelet HTTP probe: a new connection, HTTP/1.1, the kubelet's headers and timeout.
 fn kubelet_probe(addr: SocketAddr) -> Result<(u16, String), String> {
-    let request = format!(
-        "GET /ready HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {KUBELET_AGENT}\r\n\
-         Accept: */*\r\nConnection: close\r\n\r\n"
-    );
-    http_exchange(addr, &request, KUBELET_TIMEOUT)
+    try_request(addr, &get_request("/ready", KUBELET_AGENT), KUBELET_TIMEOUT)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -566,80 +543,53 @@ impl Ports {
     }
 }
 
-/// drainit around demo_app; killed with its app on drop (`Proc`).
+/// drainit around demo_app; killed with its app on drop.
 struct Replica {
-    proc: Proc,
+    drainit: Drainit,
     app: SocketAddr,
 }
 
 impl Replica {
     /// Waits until the app listens, drainit's probe server too, and the app is ready.
     fn wait_serving(&self) {
-        let timeout = Duration::from_secs(10);
-        let listening = format!("demo-app: listening on {}", self.app);
-        let wait = |what: &str, matches: &dyn Fn(&str) -> bool| {
-            if self.proc.wait_line(timeout, matches).is_none() {
-                panic!(
-                    "{}: {what} within {timeout:?}:\n{}",
-                    self.proc.name,
-                    self.proc.output()
-                );
-            }
-        };
-        wait("the app did not report listening", &|l| l == listening);
-        wait("drainit did not report its probe server listening", &|l| {
-            l.contains("probe server listening")
-        });
-        wait("drainit did not report the app ready", &|l| {
-            l.contains(r#""message":"lifecycle transition""#) && l.contains(r#""to":"ready""#)
-        });
+        self.drainit
+            .app_line(&format!("demo-app: listening on {}", self.app));
+        self.drainit.event("probe_server_listening");
+        self.drainit.wait_ready();
     }
 
     /// When drainit logged the app ready (its lifecycle's move to `ready`), on the test's clock.
     fn app_ready_at(&self, clock_started: SystemTime) -> Option<Duration> {
-        self.proc.lines().iter().find_map(|line| {
-            let log: Value = serde_json::from_str(line).ok()?;
-            if log["message"] != "lifecycle transition" || log["to"] != "ready" {
-                return None;
-            }
-            let at = humantime::parse_rfc3339(log["timestamp"].as_str()?).ok()?;
-            at.duration_since(clock_started).ok()
-        })
+        let line = self
+            .drainit
+            .logs
+            .wait_for(Duration::ZERO, |l| is_phase(l, "ready"))?;
+        let log: Value = serde_json::from_str(&line.text).ok()?;
+        let at = humantime::parse_rfc3339(log["timestamp"].as_str()?).ok()?;
+        at.duration_since(clock_started).ok()
     }
 
     /// Stops the replica at once, as a container runtime killing the pod does: SIGKILL to the
     /// app's process group and to drainit, no drain.
     fn kill_at_once(&self) {
-        for child in children_of(self.proc.pid()) {
-            let _ = kill(Pid::from_raw(-child.as_raw()), Signal::SIGKILL);
-        }
-        kill(self.proc.pid(), Signal::SIGKILL).expect("cannot SIGKILL the replica");
+        self.drainit.proc.kill_all();
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        self.proc.wait_exit(timeout).unwrap_or_else(|| {
-            panic!(
-                "{} did not exit within {timeout:?} of its SIGKILL:\n{}",
-                self.proc.name,
-                self.proc.output()
-            )
-        })
+        self.drainit.proc.expect_exit(timeout, "its SIGKILL")
     }
 }
 
 /// drainit's log lines worth a place in the timeline.
 fn drainit_events(line: &str) -> Option<String> {
     let log: Value = serde_json::from_str(line).ok()?;
-    let message = log["message"].as_str()?;
-    match message {
-        "lifecycle transition" => Some(format!(
+    match log["event"].as_str()? {
+        "phase_changed" => Some(format!(
             "{} -> {}",
             log["from"].as_str().unwrap_or("?"),
             log["to"].as_str().unwrap_or("?")
         )),
-        _ if message.starts_with("start-up gate") || message == "app check passes" => {
-            Some(message.to_owned())
-        }
+        event @ ("gate_opened" | "gate_timed_out" | "app_check_passed") => Some(event.to_owned()),
         _ => None,
     }
 }
@@ -647,31 +597,31 @@ fn drainit_events(line: &str) -> Option<String> {
 /// Starts one replica (the same flags for old and new, as one Deployment's pods), with the app's
 /// own `/healthz` as its readiness check.
 fn start_replica(gate: Gate, ports: &Ports, clock: &Clock) -> Replica {
-    let name = format!("drainit({})", ports.server);
-    let mut command = Command::new(drainit_bin());
-    command
-        .arg("--health-listen")
-        .arg(ports.health_addr().to_string())
-        .arg("--control")
-        .arg(unique_control(ports.server))
-        .args(["--log-format", "json"])
-        .arg("--ready-http")
-        .arg(format!("http://{}/healthz", ports.app_addr()))
-        .args(["--ready-interval", "200ms"]);
+    let healthz = format!("http://{}/healthz", ports.app_addr());
+    let mut builder = Drainit::builder()
+        .name(&format!("drainit({})", ports.server))
+        .health(ports.health_addr())
+        .options(&["--ready-http", &healthz, "--ready-interval", "200ms"]);
     if gate == Gate::On {
-        command
-            .args(["--ready-after-lb-probes", GATE_PROBES])
-            .args(["--ready-lb-timeout", GATE_TIMEOUT]);
+        builder = builder.options(&[
+            "--ready-after-lb-probes",
+            GATE_PROBES,
+            "--ready-lb-timeout",
+            GATE_TIMEOUT,
+        ]);
     }
-    command
-        .arg("--")
-        .arg(demo_app_bin())
-        .args(["--listen", &ports.app_addr().to_string()])
-        .args(["--name", ports.server]);
-    let proc = Proc::spawn(&name, &mut command, Some((clock, drainit_events)));
-    clock.event(format!("{name} started (pid {})", proc.pid()));
+    let listen = ports.app_addr().to_string();
+    let drainit = builder
+        .app(demo(&["--listen", &listen, "--name", ports.server]))
+        .timeline(clock, drainit_events)
+        .spawn();
+    clock.event(format!(
+        "{} started (pid {})",
+        drainit.proc.name,
+        drainit.pid()
+    ));
     Replica {
-        proc,
+        drainit,
         app: ports.app_addr(),
     }
 }
