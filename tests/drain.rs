@@ -275,13 +275,13 @@ fn losing_the_log_reader_neither_kills_drainit_nor_orphans_the_app() {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
 
-    let script = "trap 'echo usr1' USR1; sleep 1 & wait; wait; exit 3";
+    let script = "trap 'echo usr1' USR1; echo trapped; sleep 1 & wait; wait; exit 3";
     let mut child = Drainit::builder()
         .drain_delay("200ms")
         .app(command(&["sh", "-c", script]))
         .command()
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -292,6 +292,11 @@ fn losing_the_log_reader_neither_kills_drainit_nor_orphans_the_app() {
         .map_while(Result::ok)
         .any(|l| is_event(&l, "probe_server_listening"));
     assert!(listening, "drainit never said its probe server listens");
+    // The app's trap is set (a USR1 before it would end the app, and the test).
+    let mut app = BufReader::new(child.stdout.take().unwrap());
+    let mut trapped = String::new();
+    app.read_line(&mut trapped).unwrap();
+    assert_eq!(trapped, "trapped\n");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         Signal::SIGUSR1,

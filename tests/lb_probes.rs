@@ -203,8 +203,10 @@ fn only_checkers_from_lb_source_count() {
         "10.0.0.0/8,fd00::/8",
     ];
     let mut drainit = watching_lb_probes("200ms", "10s", "15s", &options);
-    let _outsider = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
-    drainit.wait_checker("HAProxy");
+    let outsider = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
+    // drainit does not even list it: wait until it has checked steadily, five times.
+    let checked = common::time_until(SECS(5), || outsider.answered(200) >= 5);
+    assert!(checked.is_some(), "the outsider's checks were not answered");
     let drained_after = drainit.drain_time();
     let (reason, evidence) = drain_over(&drainit);
     assert!(

@@ -63,6 +63,16 @@ impl Checker {
         self.sent.load(Ordering::Relaxed)
     }
 
+    /// How many probes got the answer `code`.
+    pub fn answered(&self, code: u16) -> usize {
+        self.probes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, c)| *c == code)
+            .count()
+    }
+
     /// When the probe was sent that got the `n`th (from 1) answer `code`.
     pub fn nth_answer_sent(&self, code: u16, n: usize) -> Option<Instant> {
         let probes = self.probes.lock().unwrap();
