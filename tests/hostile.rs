@@ -74,6 +74,7 @@ fn probed_demo(options: &[&str]) -> (Drainit, u64) {
     for _ in 0..50 {
         assert_eq!(kubelet_probe(drainit.health, "/ready").0, 200);
     }
+    // Memory settles after the warm-up before the baseline is read (a measurement, no event).
     thread::sleep(MS(200));
     let start = rss_kb(drainit.pid().as_raw());
     (drainit, start)
@@ -165,6 +166,7 @@ fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind(
         200,
         "PID 1 still answers"
     );
+    // The peak is sampled (every 5 ms) while the connections are held.
     thread::sleep(MS(300));
     let peak = watch.peak();
     drop(held);
@@ -265,6 +267,7 @@ fn two_thousand_idle_and_slow_connections_never_keep_the_kubelet_out() {
         Crowd::hold(Hostile::Slowloris, 600, health),
         Crowd::hold(Hostile::Unterminated, 600, health),
     ];
+    // The crowd holds its connections a second before the kubelet probes (a measured load).
     thread::sleep(SECS(1));
     let results = kubelet_probes(health, SECS(4));
     let opened: u64 = crowds.into_iter().map(Crowd::stop).sum();

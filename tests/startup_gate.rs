@@ -44,6 +44,8 @@ use common::{
 /// The load balancer of the issue: two passed checks 1 s apart to take a server in, one failed
 /// check to take it out.
 const HEALTH_CHECKS: &str = "inter 1s fall 1 rise 2";
+/// HAProxy's check interval (`inter`).
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The gate waits for the same two checks.
 const GATE_PROBES: &str = "2";
 const GATE_TIMEOUT: &str = "30s";
@@ -78,12 +80,20 @@ fn rolling_restart_with_startup_gate_loses_no_request_when_the_old_replica_stops
         opt_ms(outcome.new_up)
     );
     outcome.assert_the_rollout_happened();
+    // The gate opened on HAProxy's second passed check: the kubelet saw the replica ready once
+    // HAProxy had passed it twice, and HAProxy put it in rotation before its next check.
+    assert!(
+        outcome.lb_passes_at_ready >= 2,
+        "with the gate, the kubelet saw the new replica ready after {} passed HAProxy checks in a \
+         row: the gate opened before HAProxy's second passed check",
+        outcome.lb_passes_at_ready
+    );
     assert!(
         outcome
             .new_up
-            .is_some_and(|up| up <= outcome.kubelet_ready + Duration::from_millis(500)),
-        "with the gate, HAProxy marked the new server UP at {}, not about when the kubelet saw it \
-         ready (+{} ms): the gate opened before HAProxy's second passed check",
+            .is_some_and(|up| up <= outcome.kubelet_ready + CHECK_INTERVAL),
+        "with the gate, HAProxy marked the new server UP at {}, not before its next check after \
+         the kubelet saw it ready (+{} ms)",
         opt_ms(outcome.new_up),
         outcome.kubelet_ready.as_millis()
     );
@@ -143,6 +153,9 @@ struct Outcome {
     requests_after_stop: u64,
     /// Probes on which the new replica's app was ready but the gate told the kubelet 503.
     kubelet_held: u32,
+    /// HAProxy's passed checks in a row, as the new replica counted them when the kubelet first
+    /// saw it ready.
+    lb_passes_at_ready: u64,
     kubelet_ready: Duration,
     stopped: Duration,
     /// The old server's status in HAProxy when it was killed.
@@ -374,6 +387,7 @@ fn rolling_restart(gate: Gate) -> Outcome {
             failures,
             requests_after_stop,
             kubelet_held: kubelet.held,
+            lb_passes_at_ready: kubelet.lb_passes_at_ready,
             kubelet_ready,
             stopped,
             old_status_at_stop,
@@ -467,6 +481,9 @@ struct Kubelet {
     /// 503 from the start-up gate: the app is ready, the load balancers have not confirmed.
     held: u32,
     ready_at: Instant,
+    /// The most passed checks in a row of any load balancer, in the replica's `/status` right
+    /// after the kubelet's first 200.
+    lb_passes_at_ready: u64,
 }
 
 impl Kubelet {
@@ -481,13 +498,24 @@ impl Kubelet {
             probes += 1;
             match kubelet_probe(ports.health_addr()) {
                 Ok((200, _)) => {
+                    let ready_at = Instant::now();
                     clock.event(format!("kubelet: new replica ready (probe {probes})"));
+                    let status = replica.drainit.status();
+                    let lb_passes_at_ready = status["lb_probes"]["checkers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c["kubelet"] == false)
+                        .filter_map(|c| c["consecutive_ready"].as_u64())
+                        .max()
+                        .unwrap_or(0);
                     return Kubelet {
+                        lb_passes_at_ready,
                         probes,
                         unreachable,
                         not_ready,
                         held,
-                        ready_at: Instant::now(),
+                        ready_at,
                     };
                 }
                 Ok((503, body)) if body.contains("start-up gate") => {

@@ -280,6 +280,7 @@ pub fn budget_kill_while_status_is_polled() -> PolledKill {
         .as_array()
         .map_or(0, Vec::len);
     let pollers = StatusPollers::start(health, 2);
+    // The pollers load drainit half a second before SIGTERM (a load, not a wait).
     thread::sleep(MS(500));
     let sigterm = drainit.signal_at(Signal::SIGTERM);
     while is_running(app) && sigterm.elapsed() < POLLED_GRACE * 3 {
