@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 
 use common::{
-    Arrivals, Backend, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns,
-    Replica, Retries, Tuning, demo, free_ports, haproxy_bin, opt_ms, outputs_but,
+    Arrivals, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Replica,
+    Retries, Tuning, demo, free_ports, haproxy_bin, opt_ms, outputs_but,
 };
 
 const APP_PORT: u16 = 8080;
@@ -114,19 +114,11 @@ fn rolling_restart(options: &[&str]) -> Outcome {
         options.join(" ")
     };
     let clock = Clock::new();
-    let mut replicas: Vec<Replica> = ["r1", "r2"]
-        .into_iter()
-        .map(|server| {
-            Replica::start(server, |netns| {
-                start_replica(server, netns, options, &clock)
-            })
-        })
-        .collect();
+    let mut replicas = Replica::start_all(&["r1", "r2"], |server, netns| {
+        start_replica(server, netns, options, &clock)
+    });
     let [frontend] = free_ports();
-    let backends: Vec<Backend> = replicas
-        .iter()
-        .map(|r| r.backend(APP_PORT, HEALTH_PORT))
-        .collect();
+    let backends = Replica::backends(&replicas, APP_PORT, HEALTH_PORT);
     let tuning = Tuning {
         retries: Retries::Never,
         ..Tuning::default()

@@ -34,8 +34,8 @@ use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 
 use common::{
-    Arrivals, Backend, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns,
-    Replica, SLOW, body_of, demo, evidence, free_ports, get_request, haproxy_bin, is_event, opt_ms,
+    Arrivals, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Replica,
+    SLOW, body_of, demo, evidence, free_ports, get_request, haproxy_bin, is_event, opt_ms,
     outputs_but, try_request,
 };
 
@@ -270,15 +270,11 @@ impl Scenario {
         let clock = Clock::new();
         let started = Instant::now();
         let label = self.label.to_owned();
-        let mut replicas: Vec<Replica> = ["r1", "r2"]
-            .into_iter()
-            .map(|server| Replica::start(server, |netns| self.start_replica(server, netns, &clock)))
-            .collect();
+        let mut replicas = Replica::start_all(&["r1", "r2"], |server, netns| {
+            self.start_replica(server, netns, &clock)
+        });
         let [frontend] = free_ports();
-        let backends: Vec<Backend> = replicas
-            .iter()
-            .map(|r| r.backend(APP_PORT, HEALTH_PORT))
-            .collect();
+        let backends = Replica::backends(&replicas, APP_PORT, HEALTH_PORT);
         let haproxy = Haproxy::start(self.check, frontend, &backends, &clock);
         for r in &replicas {
             haproxy.wait_until_up(&r.server, Duration::from_secs(15), || outputs(&replicas));

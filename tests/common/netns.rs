@@ -130,6 +130,22 @@ impl Replica {
         }
     }
 
+    /// One replica per server name, each in a new namespace.
+    pub fn start_all(servers: &[&str], start: impl Fn(&str, &Netns) -> Drainit) -> Vec<Self> {
+        servers
+            .iter()
+            .map(|server| Replica::start(server, |netns| start(server, netns)))
+            .collect()
+    }
+
+    /// The HAProxy `server` lines of `replicas`.
+    pub fn backends(replicas: &[Replica], app_port: u16, health_port: u16) -> Vec<Backend> {
+        replicas
+            .iter()
+            .map(|r| r.backend(app_port, health_port))
+            .collect()
+    }
+
     /// Its HAProxy `server` line: the app's port, checks on `health_port`.
     pub fn backend(&self, app_port: u16, health_port: u16) -> Backend {
         Backend {
