@@ -446,7 +446,10 @@ fn an_app_that_closes_its_listener_is_no_longer_ready() {
 
 #[test]
 fn a_worker_is_ready_with_ready_tcp_none_and_without_it_says_why_it_is_not() {
-    let worker = Drainit::start(&["--ready-tcp", "none"], &["sleep", "30"]);
+    let worker = Drainit::builder()
+        .ready_tcp("none")
+        .app(command(&["sleep", "30"]))
+        .start();
     assert_eq!(ready(&worker), 200, "--ready-tcp none: ready once started");
 
     let stalled = Drainit::start(&[], &["sleep", "30"]);

@@ -112,6 +112,9 @@ impl Builder {
     /// Any other options, as given on the command line (after the harness's defaults: a later
     /// `--health-listen` or `--control` wins).
     pub fn options(mut self, options: &[&str]) -> Self {
+        if let Some(at) = options.iter().position(|o| *o == "--control") {
+            self.control = options[at + 1].to_owned();
+        }
         self.options.extend(options.iter().map(|o| (*o).to_owned()));
         self
     }
@@ -344,15 +347,6 @@ impl Drainit {
         self.logs
             .wait_for(timeout, |l| is_event(l, slug))
             .map(|l| json(&l.text))
-    }
-
-    /// When the test saw the first log line with this `event` slug.
-    pub fn event_at(&self, slug: &str) -> Instant {
-        self.event(slug);
-        self.logs
-            .wait_for(Duration::ZERO, |l| is_event(l, slug))
-            .unwrap()
-            .at
     }
 
     /// How many log lines so far have this `event` slug.

@@ -90,20 +90,10 @@ impl Lines {
 
     /// The first line (seen or to come within `timeout`) that matches.
     pub fn wait_for(&self, timeout: Duration, matches: impl Fn(&str) -> bool) -> Option<Line> {
-        self.wait_for_nth(timeout, 0, matches)
-    }
-
-    /// The line after the `skip` first that match (seen or to come within `timeout`).
-    pub fn wait_for_nth(
-        &self,
-        timeout: Duration,
-        skip: usize,
-        matches: impl Fn(&str) -> bool,
-    ) -> Option<Line> {
         let deadline = Instant::now() + timeout;
         let mut seen = self.shared.lock();
         loop {
-            if let Some(line) = seen.lines.iter().filter(|l| matches(&l.text)).nth(skip) {
+            if let Some(line) = seen.lines.iter().find(|l| matches(&l.text)) {
                 return Some(line.clone());
             }
             let left = deadline.saturating_duration_since(Instant::now());
