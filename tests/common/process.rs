@@ -9,7 +9,7 @@ use nix::unistd::Pid;
 
 use super::clock::{Clock, poll_until};
 use super::lines::{LineFilter, Lines, TimelineSink};
-use super::procfs::children_of;
+use super::procfs::{children_of, is_running};
 
 pub struct Proc {
     pub name: String,
@@ -112,12 +112,18 @@ impl Proc {
 
     /// SIGKILL to the process groups its children lead (drainit's app) and to the process: a
     /// container runtime killing the pod.
+    /// Returns once the children are dead: SIGKILL is delivered asynchronously, and a killed app
+    /// closes its listening socket only as it exits, which may come after drainit is reaped.
     pub fn kill_all(&self) {
-        for child in children_of(self.pid()) {
+        let children = children_of(self.pid());
+        for child in &children {
             let _ = kill(Pid::from_raw(-child.as_raw()), Signal::SIGKILL);
-            let _ = kill(child, Signal::SIGKILL);
+            let _ = kill(*child, Signal::SIGKILL);
         }
         let _ = kill(self.pid(), Signal::SIGKILL);
+        poll_until(Duration::from_secs(5), Duration::from_millis(5), || {
+            !children.iter().any(|c| is_running(c.as_raw()))
+        });
     }
 }
 
