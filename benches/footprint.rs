@@ -11,7 +11,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -88,9 +88,9 @@ fn own_rss(pid: u32) -> (f64, f64) {
 }
 
 /// Resident memory once `child` has started the app and settled.
-fn rss_at_rest(child: &Child) -> (f64, f64) {
+fn rss_at_rest(pid: u32) -> (f64, f64) {
     thread::sleep(Duration::from_millis(500));
-    own_rss(child.id())
+    own_rss(pid)
 }
 
 /// CPU time (user + system) of every waited-for child so far.
@@ -181,12 +181,12 @@ fn main() {
     for init in inits() {
         let (rss, after) = if init.name == "drainit" {
             let drainit = Drainit::start(&[], &["sleep", "1000"]);
-            let at_rest = rss_at_rest(&drainit.child);
+            let at_rest = rss_at_rest(drainit.pid().as_raw() as u32);
             probe_load(drainit.health);
-            (at_rest, Some(own_rss(drainit.child.id())))
+            (at_rest, Some(own_rss(drainit.pid().as_raw() as u32)))
         } else {
             let mut child = init.command(&["sleep", "1000"]).spawn().unwrap();
-            let at_rest = rss_at_rest(&child);
+            let at_rest = rss_at_rest(child.id());
             child.kill().unwrap();
             child.wait().unwrap();
             (at_rest, None)

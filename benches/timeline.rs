@@ -7,16 +7,13 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
-#[path = "../tests/common/hostile.rs"]
-mod hostile_clients;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Child;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Drainit, drainit_bin, http_get};
+use common::{Drainit, Proc, drainit_bin, http_get};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -32,9 +29,9 @@ fn build_demo_app() {
 
 /// When `child` exited and its exit code, polled finely: the budget kill's timing is measured
 /// by it.
-fn exit_time(child: &mut Child) -> (Instant, Option<i32>) {
+fn exit_time(child: &mut Proc) -> (Instant, Option<i32>) {
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.try_exit() {
             return (Instant::now(), status.code());
         }
         thread::sleep(Duration::from_micros(200));
@@ -152,7 +149,7 @@ fn watching_cost(connections: usize) {
     );
     drop(open);
     kill(run.pid(), Signal::SIGINT).unwrap();
-    exit_time(&mut run.child);
+    exit_time(&mut run.proc);
 }
 
 /// The JSON body of GET `path`, or null.
@@ -186,7 +183,7 @@ fn main() {
         flips.push(sigterm.elapsed());
         let stop = run.app_line("demo-app: signal TERM").at;
         stop_errors.push(abs_diff(stop, sigterm + Duration::from_millis(300)));
-        exit_time(&mut run.child);
+        exit_time(&mut run.proc);
 
         // Budget kill accuracy: an app that ignores the stop signal, grace 1.5s -> kill at 0.5s.
         let mut run = Drainit::demo(
@@ -195,7 +192,7 @@ fn main() {
         );
         let sigterm = Instant::now();
         kill(run.pid(), Signal::SIGTERM).unwrap();
-        let (exited, code) = exit_time(&mut run.child);
+        let (exited, code) = exit_time(&mut run.proc);
         assert_eq!(code, Some(137), "budget kill must exit 137");
         kill_errors.push(abs_diff(exited, sigterm + Duration::from_secs(1)));
     }
@@ -247,7 +244,7 @@ fn main() {
         size as f64 / 1048576.0
     );
     kill(run.pid(), Signal::SIGINT).unwrap();
-    exit_time(&mut run.child);
+    exit_time(&mut run.proc);
 
     watching_cost(0);
     watching_cost(2000);
@@ -260,11 +257,11 @@ fn main() {
 /// Issue 9's freeze: 2 clients polling `/status` and `/metrics` with a full checker table, an app
 /// that ignores SIGTERM: the budget kill still lands at grace - 1 s.
 fn budget_kill_while_status_is_polled() {
-    use hostile_clients::POLLED_GRACE;
+    use common::hostile::POLLED_GRACE;
     let mut errors = Vec::new();
     let mut renders = 0;
     for _ in 0..5 {
-        let run = hostile_clients::budget_kill_while_status_is_polled();
+        let run = common::hostile::budget_kill_while_status_is_polled();
         assert_eq!(run.exit_code, Some(137), "budget kill must exit 137");
         errors.push(
             run.killed_after
@@ -315,7 +312,7 @@ fn budget_kill_with_a_stuck_stderr() {
             thread::sleep(Duration::from_micros(200));
         }
         kills.push(abs_diff(Instant::now(), sigterm + Duration::from_secs(1)));
-        let (exited, code) = exit_time(&mut run.child);
+        let (exited, code) = exit_time(&mut run.proc);
         assert_eq!(code, Some(137), "budget kill must exit 137");
         exits.push(exited - sigterm);
     }
@@ -374,7 +371,7 @@ fn ready_latency_while_the_app_check_hangs() {
         Bar::P99(Duration::from_millis(1)),
     );
     kill(run.pid(), Signal::SIGINT).unwrap();
-    exit_time(&mut run.child);
+    exit_time(&mut run.proc);
     drop(accept);
 }
 
@@ -382,7 +379,8 @@ fn ready_latency_while_the_app_check_hangs() {
 /// while 2,000 hostile connections (idle, slowloris, unterminated headers) are held, reopened as
 /// soon as drainit closes them; and drainit's peak memory meanwhile.
 fn kubelet_probes_under_a_hostile_crowd() {
-    use hostile_clients::{Crowd, Hostile, kubelet_probes, resident_kb};
+    use common::hostile::{Crowd, Hostile, kubelet_probes};
+    use common::resident_kb;
     let mut drainit = Drainit::demo(&[], &[]);
     let rss = |pid: i32| resident_kb(pid).unwrap_or(0);
     let pid = drainit.pid().as_raw();

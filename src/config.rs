@@ -11,16 +11,16 @@ use crate::budget::Budget;
 use crate::cidr::Cidr;
 use crate::cli::{RunArgs, env_variable, format_duration};
 use crate::drain::traffic::QuietPeriod;
-use crate::drain::{DrainPolicy, WatchedDrain, Watcher};
+use crate::drain::{DEFAULT_LB_UNHEALTHY_THRESHOLD, DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
-use crate::readiness::{AppCheck, ReadinessConfig, StartupGate, TcpOption};
+use crate::gate::StartupGate;
+use crate::readiness::{AppCheck, ReadinessConfig, TcpOption};
 
 /// How long the start-up gate waits for load balancers by default: two checks at AWS ALB's
 /// default 30 s interval, with room to spare.
 const DEFAULT_LB_GATE_TIMEOUT: Duration = Duration::from_secs(90);
 const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
 const DEFAULT_DRAIN_MIN: Duration = Duration::from_secs(1);
-const DEFAULT_LB_UNHEALTHY_THRESHOLD: u32 = 2;
 const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 

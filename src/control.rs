@@ -26,7 +26,7 @@ use tokio_util::codec::{Framed, LinesCodec};
 use tracing::{debug, warn};
 
 use crate::exit::StartupError;
-use crate::lifecycle::{Phase, State};
+use crate::lifecycle::{PhaseKind, State};
 use crate::throttle::Throttle;
 
 /// The request line of `drainit prestop`.
@@ -232,8 +232,8 @@ async fn answer(stream: UnixStream, drain: mpsc::Sender<()>, mut state: watch::R
     }
     // The supervisor may already be gone (the app exited): the phase below says so.
     let _ = drain.send(()).await;
-    let reply = match state.wait_for(|s| s.phase.drain_is_over()).await {
-        Ok(s) if matches!(s.phase, Phase::Exited { .. }) => REPLY_APP_EXITED,
+    let reply = match state.wait_for(State::drain_is_over).await {
+        Ok(s) if s.kind() == PhaseKind::Exited => REPLY_APP_EXITED,
         Ok(_) => REPLY_DRAINED,
         Err(_) => REPLY_APP_EXITED,
     };

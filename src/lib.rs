@@ -1,31 +1,34 @@
 //! drainit: a PID-1 wrapper that drains a Kubernetes pod before stopping its app.
 //!
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
-//! signal handlers ([`signals`]) so none is lost, bind the probe port ([`health`]) and the control
+//! signal handlers ([`signals`]) so none is lost, bind the probe port ([`probes`]) and the control
 //! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
-//! everything to the [`supervisor`], which drives the [`lifecycle`] state machine: reaping
-//! ([`reaper`]), draining ([`drain`]) and the shutdown budget.
+//! everything to the [`supervisor`], which feeds the [`lifecycle`] state machine and carries out
+//! what it decides: reaping ([`reaper`]), draining ([`drain`]), the shutdown budget and the
+//! start-up [`gate`]. The probe port also serves the [`admin`] endpoints.
 
+pub mod admin;
 pub mod app;
 pub mod budget;
+pub mod checkers;
 pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod drain;
 pub mod exit;
-pub mod health;
+pub mod gate;
 pub mod lifecycle;
 pub mod listening;
 pub mod log_writer;
 pub mod logging;
 pub mod metrics;
 pub mod prestop;
+pub mod probes;
 pub mod process_tree;
 pub mod readiness;
 pub mod reaper;
 pub mod signals;
-pub mod status;
 pub mod supervisor;
 pub mod sync;
 pub mod tcp;
@@ -34,13 +37,12 @@ pub mod throttle;
 use std::os::fd::AsFd;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tracing::error;
 
 use crate::app::App;
@@ -48,7 +50,7 @@ use crate::cli::{Cli, Command, SharedArgs};
 use crate::config::RunConfig;
 use crate::drain::{Observers, traffic};
 use crate::exit::StartupError;
-use crate::lifecycle::{Event, Lifecycle};
+use crate::lifecycle::{Event, Gate, Lifecycle};
 use crate::metrics::Metrics;
 use crate::readiness::{RunningCheck, SharedCheckLog};
 use crate::reaper::Reaper;
@@ -130,36 +132,63 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     // handled, not met with its default action. (The runtime's blocking threads start later, from
     // this thread, and inherit the cleared mask.)
     let _ = nix::sys::signal::SigSet::empty().thread_set_mask();
-    let probes = health::bind(config.health_listen)?;
+    let probes = probes::bind(config.health_listen)?;
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let reaper = Reaper::default();
     let app = App::spawn(&config.command, config.forward_to_group)
         .inspect_err(|_| shared.control.remove_socket_file())?;
-    health::announce(&probes);
+    probes::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
-    let mut lifecycle = Lifecycle::new(metrics.clone());
+    let gate = match config.startup_gate {
+        Some(_) => Gate::Holding,
+        None => Gate::Open,
+    };
+    let mut lifecycle = Lifecycle::new(gate);
+    let phase = lifecycle.subscribe();
+    metrics.read_phase_from(move || phase.borrow().kind());
     let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
-    let (readiness, check_log) =
-        watch_readiness(&config, app, &probes, &mut lifecycle, &reaper, &metrics);
+    let (verdicts, readiness) = mpsc::channel(8);
+    let check_log = watch_readiness(
+        &config,
+        app,
+        &probes,
+        &mut lifecycle,
+        &reaper,
+        &metrics,
+        verdicts.clone(),
+    );
+    let checker_recorded = Arc::new(Notify::new());
+    if let Some(gate) = config.startup_gate {
+        tokio::spawn(gate::run(
+            gate,
+            observers.checkers.clone(),
+            checker_recorded.clone(),
+            lifecycle.subscribe(),
+            verdicts,
+        ));
+    }
     let (drain_tx, drain_rx) = mpsc::channel(8);
-    let context = health::Context {
-        started,
-        app_pid: app.pid.as_raw(),
-        drain: config.drain.clone(),
-        readiness: config.readiness.clone(),
-        check_log,
-        startup_gate: config.startup_gate,
-        gate_opened: AtomicBool::new(false),
+    let context = probes::Context {
+        checker_recorded,
         metrics: metrics.clone(),
         lb_sources: config.lb_sources.clone(),
     };
-    tokio::spawn(health::serve(
+    let admin = admin::Context {
+        started,
+        app_pid: app.pid.as_raw(),
+        readiness: config.readiness.clone(),
+        check_log,
+        startup_gate: config.startup_gate,
+        metrics: metrics.clone(),
+    };
+    tokio::spawn(probes::serve(
         probes,
         lifecycle.subscribe(),
         observers.clone(),
         context,
+        admin,
     ));
     tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
@@ -174,8 +203,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     Ok(code)
 }
 
-/// Starts the app check, whose verdicts the supervisor applies; with `--ready-tcp none` there is
-/// nothing to wait for and the app is ready at once, before the first probe can arrive.
+/// Starts the app check, whose `verdicts` the supervisor applies; with `--ready-tcp none` there
+/// is nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
     app: App,
@@ -183,12 +212,13 @@ fn watch_readiness(
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
     metrics: &Arc<Metrics>,
-) -> (mpsc::Receiver<Event>, SharedCheckLog) {
+    verdicts: mpsc::Sender<Event>,
+) -> SharedCheckLog {
     let check_log = SharedCheckLog::default();
-    let (verdicts, readiness) = mpsc::channel(8);
     let Some(check) = config.readiness.check.clone() else {
-        lifecycle.apply(Event::AppReady);
-        return (readiness, check_log);
+        let actions = lifecycle.apply(Event::AppReady);
+        debug_assert!(actions.is_empty(), "becoming ready does nothing else");
+        return check_log;
     };
     let probes = probes.local_addr().unwrap_or(config.health_listen);
     let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
@@ -199,11 +229,9 @@ fn watch_readiness(
         check_log.clone(),
         verdicts,
         lifecycle.subscribe(),
-        move |check, outcome| {
-            metrics.app_check(check.kind(), outcome.verdict.as_str(), outcome.duration)
-        },
+        move |check, outcome| metrics.app_check(check.kind(), outcome.verdict, outcome.duration),
     ));
-    (readiness, check_log)
+    check_log
 }
 
 /// Starts observing what the drain is judged on, from start-up on: the arrival rate before the
@@ -215,7 +243,13 @@ fn observe_traffic(
     lifecycle: &Lifecycle,
     metrics: Arc<Metrics>,
 ) -> Observers {
-    let observers = Observers::new(config.app_ports.clone());
+    let observers = Observers::new(config.app_ports.clone(), &config.drain);
+    tokio::spawn(
+        config
+            .drain
+            .clone()
+            .preview(observers.clone(), lifecycle.subscribe()),
+    );
     let own_port = traffic::OwnPort {
         port: probes.local_addr().map_or(0, |a| a.port()),
         listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),
@@ -227,7 +261,7 @@ fn observe_traffic(
         config.app_ports.clone(),
         own_port,
         lifecycle.subscribe(),
-        metrics,
+        metrics.late_arrivals(),
     ));
     observers
 }

@@ -1,19 +1,25 @@
-//! The pod's lifecycle as one state machine, published through a `watch` channel.
+//! The pod's lifecycle as one pure state machine, published through a `watch` channel.
 //!
-//! The supervisor is the only writer; the probe server, the control channel and the drain read the
-//! current phase from the channel and never keep a copy, so `/ready` cannot disagree with what the
-//! supervisor decided.
+//! [`step`] holds every transition: the supervisor feeds it events (a signal, the drain's end, a
+//! deadline, the app's exit, the app check's and the start-up gate's verdicts) and executes the
+//! [`Action`]s it returns. Each phase carries its own facts (when the drain began, when the budget
+//! kills, whether the gate still holds), so nothing about the lifecycle lives anywhere else. The
+//! supervisor is the only writer; the probe server, the control channel, the gate and the drain
+//! read the current state from the channel and never keep a copy.
 
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
+use nix::sys::signal::Signal;
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
-use crate::metrics::Metrics;
-use tracing::info;
+use crate::signals;
+
+/// After a `drainit prestop` drain the kubelet sends SIGTERM as soon as the hook returns. If none
+/// arrives by this long after the drain (the hook was run by hand), drainit stops the app itself.
+pub const PRESTOP_HANDOFF: Duration = Duration::from_secs(5);
 
 /// What started the drain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,93 +30,505 @@ pub enum DrainTrigger {
     Prestop,
 }
 
+/// The start-up gate (`--ready-after-lb-probes`): whether it still holds the kubelet back from a
+/// ready app. It opens once, for good: the kubelet's view must not flap with the load balancers'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    /// The app is being started and is not ready yet.
-    Starting,
-    /// The app runs and may receive traffic.
-    Ready,
-    /// The app's readiness check fails (it passed before): no traffic until it passes again.
-    Unready,
-    /// Not ready any more; the app keeps serving while load balancers stop sending to it.
-    Draining { trigger: DrainTrigger },
-    /// A `prestop` drain is over; the app still runs until the kubelet's SIGTERM arrives.
-    Drained,
-    /// The app has been sent its stop signal.
-    Stopping,
-    /// The app is gone; drainit exits with `code`.
-    Exited { code: u8 },
+pub enum Gate {
+    Holding,
+    Open,
 }
 
-/// Things that move the lifecycle forward.
+/// What every phase from the drain on keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shutdown {
+    /// The origin of the drain timeline and of the shutdown budget.
+    pub drain_started: Instant,
+    /// When the app's group gets SIGKILL; `None` once it has.
+    pub kill_at: Option<Instant>,
+    /// The start-up gate as the drain found it (for `/status`).
+    pub gate: Gate,
+}
+
+/// The lifecycle: what the channel publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// The app is being started and is not ready yet.
+    Starting { gate: Gate },
+    /// The app runs and may receive traffic, `since` it last became ready.
+    Ready { since: Instant, gate: Gate },
+    /// The app's readiness check fails (it passed before): no traffic until it passes again.
+    Unready { gate: Gate },
+    /// Not ready any more; the app keeps serving while load balancers stop sending to it.
+    /// `stop_when_over`: SIGTERM came during a prestop drain, so the app is stopped at its end.
+    Draining {
+        trigger: DrainTrigger,
+        shutdown: Shutdown,
+        stop_when_over: bool,
+    },
+    /// A prestop drain is over; the app runs until the kubelet's SIGTERM, or `handoff_by`.
+    Drained {
+        shutdown: Shutdown,
+        handoff_by: Instant,
+    },
+    /// The app has been told to stop (its stop signal, or an operator's SIGINT or SIGQUIT) `since`.
+    Stopping { shutdown: Shutdown, since: Instant },
+    /// The app is gone; drainit exits with `code`.
+    Exited {
+        code: u8,
+        drain_started: Option<Instant>,
+    },
+}
+
+/// The phases without their data: metric labels, log fields, probe answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PhaseKind {
+    Starting,
+    Ready,
+    Unready,
+    Draining,
+    Drained,
+    Stopping,
+    Exited,
+}
+
+/// What the supervisor saw, with the facts `step` needs to decide.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The app's readiness check passed (for `--min-ready`), or there is none.
     AppReady,
     /// The app's readiness check failed.
     AppUnready,
-    DrainStarted(DrainTrigger),
+    /// SIGTERM.
+    Sigterm(DrainFacts),
+    /// `drainit prestop` asked for the drain.
+    DrainRequest(DrainFacts),
+    /// SIGINT or SIGQUIT: an operator's "now".
+    Interrupt {
+        signal: i32,
+    },
+    /// The drain under way is over (the supervisor holds its end and evidence).
     DrainOver,
-    StopSignalSent,
+    /// The prestop handoff deadline passed.
+    HandoffDue,
+    /// The kill deadline passed and the app had not exited.
+    BudgetSpent,
     AppExited {
         code: u8,
+        signal: Option<Signal>,
+    },
+    /// The start-up gate's verdict.
+    Gate(GateVerdict),
+}
+
+/// What a drain request needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainFacts {
+    /// The app ever had a request: a pod never ready with no traffic has nothing to drain.
+    pub had_traffic: bool,
+    /// The shutdown budget: from the start of the drain to the kill.
+    pub kill_after: Duration,
+}
+
+/// Why the start-up gate opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateVerdict {
+    /// Every load balancer saw the pod ready `probes` times in a row.
+    Opened { probes: u32 },
+    /// `--ready-lb-timeout` passed first, with these load balancers still holding the gate.
+    TimedOut {
+        timeout: Duration,
+        waiting_for: Vec<String>,
     },
 }
 
-impl Phase {
-    /// The transition table: the next phase, or `None` when the event does not apply now (a second
-    /// SIGTERM during a drain, a drain request after the app exited, ...).
-    pub fn next(self, event: Event) -> Option<Phase> {
-        use Phase::*;
-        match (self, event) {
-            (Exited { .. }, _) => None,
-            (_, Event::AppExited { code }) => Some(Exited { code }),
-            (Starting | Unready, Event::AppReady) => Some(Ready),
-            (Ready, Event::AppUnready) => Some(Unready),
-            (Starting | Ready | Unready, Event::DrainStarted(trigger)) => {
-                Some(Draining { trigger })
+/// What the supervisor does for a transition, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start the drain; with `never_ready`, there is nothing to wait for.
+    StartDrain {
+        trigger: DrainTrigger,
+        never_ready: bool,
+    },
+    /// Report how the drain that just ended ended.
+    ReportDrainEnd,
+    /// Stop the drain under way and report it cut short.
+    InterruptDrain,
+    /// Forward this signal to the app as is.
+    Forward(i32),
+    /// Send the app its stop signal.
+    SendStopSignal,
+    /// Continue the app, in case it is stopped, so that it acts on what it was sent.
+    Resume,
+    /// SIGKILL to the app's process group.
+    KillGroup,
+    /// The app is gone: report it, and kill what it left behind.
+    AppGone {
+        code: u8,
+        signal: Option<Signal>,
+        /// Killed by a signal before drainit stopped it: a crash, the OOM killer, an operator.
+        unexpected: bool,
+        /// From its stop signal to its exit.
+        stop_took: Option<Duration>,
+    },
+    /// Log a line that needs nothing but the state.
+    Log(Note),
+}
+
+/// Log lines about a transition, rendered by [`Note::log`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    SigtermDuringPrestop,
+    SigtermAfterPrestop,
+    SigtermIgnoredDraining,
+    SigtermIgnoredStopping,
+    DrainInterrupted { signal: i32 },
+    WaitingForSigterm,
+    HandoffTimedOut,
+    Gate(GateVerdict),
+}
+
+/// The transition table: the next state and what to do, for `event` at `now`. An event that does
+/// not apply (a second drain request, a stale deadline, anything after the exit) leaves the state
+/// as it is and does nothing.
+pub fn step(state: State, event: Event, now: Instant) -> (State, Vec<Action>) {
+    use State::*;
+    let ignored = (state, Vec::new());
+    match (state, event) {
+        (Exited { .. }, _) => ignored,
+        (_, Event::AppExited { code, signal }) => app_exited(state, code, signal, now),
+        (Starting { gate } | Unready { gate }, Event::AppReady) => {
+            (Ready { since: now, gate }, Vec::new())
+        }
+        (Ready { gate, .. }, Event::AppUnready) => (Unready { gate }, Vec::new()),
+        (
+            Ready {
+                since,
+                gate: Gate::Holding,
+            },
+            Event::Gate(verdict),
+        ) => (
+            Ready {
+                since,
+                gate: Gate::Open,
+            },
+            vec![Action::Log(Note::Gate(verdict))],
+        ),
+        (Starting { .. } | Ready { .. } | Unready { .. }, Event::Sigterm(facts)) => {
+            start_drain(state, DrainTrigger::Sigterm, facts, now)
+        }
+        (Starting { .. } | Ready { .. } | Unready { .. }, Event::DrainRequest(facts)) => {
+            start_drain(state, DrainTrigger::Prestop, facts, now)
+        }
+        (Draining { .. } | Drained { .. } | Stopping { .. }, Event::Sigterm(_)) => {
+            sigterm_again(state, now)
+        }
+        (_, Event::Interrupt { signal }) => interrupt(state, signal, now),
+        (
+            Draining {
+                trigger,
+                shutdown,
+                stop_when_over,
+            },
+            Event::DrainOver,
+        ) => drain_over(
+            trigger == DrainTrigger::Sigterm || stop_when_over,
+            shutdown,
+            now,
+        ),
+        (
+            Drained {
+                shutdown,
+                handoff_by,
+            },
+            Event::HandoffDue,
+        ) if now >= handoff_by => stop(shutdown, now, [Action::Log(Note::HandoffTimedOut)]),
+        (mut state, Event::BudgetSpent) if state.kill_at().is_some_and(|at| now >= at) => {
+            if let Some(shutdown) = state.shutdown_mut() {
+                shutdown.kill_at = None;
             }
-            (Draining { .. }, Event::DrainOver) => Some(Drained),
-            (Starting | Ready | Unready | Draining { .. } | Drained, Event::StopSignalSent) => {
-                Some(Stopping)
+            (state, vec![Action::KillGroup])
+        }
+        _ => ignored,
+    }
+}
+
+/// A drain request before any drain: not ready at once, the budget starts.
+fn start_drain(
+    state: State,
+    trigger: DrainTrigger,
+    facts: DrainFacts,
+    now: Instant,
+) -> (State, Vec<Action>) {
+    // /ready never answered 200 and the app never had a request: nothing routes traffic here, so
+    // there is nothing to drain. (A load balancer that checks the app's own port instead of
+    // /ready may route to it all the same: its requests are what rules that out.)
+    let never_ready = matches!(state, State::Starting { .. }) && !facts.had_traffic;
+    let draining = State::Draining {
+        trigger,
+        shutdown: Shutdown {
+            drain_started: now,
+            // Cannot overflow: durations are capped when parsed (`cli::MAX_DURATION`).
+            kill_at: Some(now + facts.kill_after),
+            gate: state.gate(),
+        },
+        stop_when_over: false,
+    };
+    let start = Action::StartDrain {
+        trigger,
+        never_ready,
+    };
+    (draining, vec![start])
+}
+
+/// The drain's end is reported; the app is stopped, or after a prestop drain with no SIGTERM yet,
+/// waits for the kubelet's (`stop_now` says which).
+fn drain_over(stop_now: bool, shutdown: Shutdown, now: Instant) -> (State, Vec<Action>) {
+    if stop_now {
+        return stop(shutdown, now, [Action::ReportDrainEnd]);
+    }
+    let drained = State::Drained {
+        shutdown,
+        handoff_by: now + PRESTOP_HANDOFF,
+    };
+    let actions = vec![Action::ReportDrainEnd, Action::Log(Note::WaitingForSigterm)];
+    (drained, actions)
+}
+
+/// SIGTERM once the drain has started: after a prestop drain it is the kubelet's go-ahead.
+fn sigterm_again(state: State, now: Instant) -> (State, Vec<Action>) {
+    let note = |note| vec![Action::Log(note)];
+    match state {
+        State::Draining {
+            trigger: DrainTrigger::Prestop,
+            shutdown,
+            ..
+        } => (
+            State::Draining {
+                trigger: DrainTrigger::Prestop,
+                shutdown,
+                stop_when_over: true,
+            },
+            note(Note::SigtermDuringPrestop),
+        ),
+        State::Draining { .. } => (state, note(Note::SigtermIgnoredDraining)),
+        State::Drained { shutdown, .. } => {
+            stop(shutdown, now, [Action::Log(Note::SigtermAfterPrestop)])
+        }
+        _ => (state, note(Note::SigtermIgnoredStopping)),
+    }
+}
+
+/// SIGINT and SIGQUIT end a drain early and reach the app as is; the drain's evidence is reported
+/// once (a drain already over has reported it).
+fn interrupt(state: State, signal: i32, now: Instant) -> (State, Vec<Action>) {
+    let (shutdown, cut_short) = match state {
+        State::Draining { shutdown, .. } => (shutdown, vec![Action::InterruptDrain]),
+        State::Drained { shutdown, .. } => (shutdown, Vec::new()),
+        _ => return (state, vec![Action::Forward(signal)]),
+    };
+    let mut actions = vec![Action::Log(Note::DrainInterrupted { signal })];
+    actions.extend(cut_short);
+    actions.extend([Action::Forward(signal), Action::Resume]);
+    (
+        State::Stopping {
+            shutdown,
+            since: now,
+        },
+        actions,
+    )
+}
+
+/// The app gets its stop signal after `before`.
+fn stop<const N: usize>(
+    shutdown: Shutdown,
+    now: Instant,
+    before: [Action; N],
+) -> (State, Vec<Action>) {
+    let mut actions = Vec::from(before);
+    actions.push(Action::SendStopSignal);
+    (
+        State::Stopping {
+            shutdown,
+            since: now,
+        },
+        actions,
+    )
+}
+
+fn app_exited(
+    state: State,
+    code: u8,
+    signal: Option<Signal>,
+    now: Instant,
+) -> (State, Vec<Action>) {
+    let stop_sent = match state {
+        State::Stopping { since, .. } => Some(since),
+        _ => None,
+    };
+    let gone = Action::AppGone {
+        code,
+        signal,
+        unexpected: signal.is_some() && stop_sent.is_none(),
+        stop_took: stop_sent.map(|since| now.saturating_duration_since(since)),
+    };
+    let exited = State::Exited {
+        code,
+        drain_started: state.drain_started(),
+    };
+    (exited, vec![gone])
+}
+
+impl State {
+    /// Where every pod starts; `gate` holds when `--ready-after-lb-probes` is given.
+    pub fn new(gate: Gate) -> Self {
+        State::Starting { gate }
+    }
+
+    pub fn kind(&self) -> PhaseKind {
+        match self {
+            State::Starting { .. } => PhaseKind::Starting,
+            State::Ready { .. } => PhaseKind::Ready,
+            State::Unready { .. } => PhaseKind::Unready,
+            State::Draining { .. } => PhaseKind::Draining,
+            State::Drained { .. } => PhaseKind::Drained,
+            State::Stopping { .. } => PhaseKind::Stopping,
+            State::Exited { .. } => PhaseKind::Exited,
+        }
+    }
+
+    fn shutdown(&self) -> Option<Shutdown> {
+        let mut state = *self;
+        state.shutdown_mut().copied()
+    }
+
+    /// When the drain began, whatever happened since.
+    pub fn drain_started(&self) -> Option<Instant> {
+        match *self {
+            State::Exited { drain_started, .. } => drain_started,
+            _ => self.shutdown().map(|s| s.drain_started),
+        }
+    }
+
+    /// When the app last became ready, while it is (the start-up gate's timeout counts from it).
+    pub fn ready_since(&self) -> Option<Instant> {
+        match *self {
+            State::Ready { since, .. } => Some(since),
+            _ => None,
+        }
+    }
+
+    /// When the app's group gets SIGKILL, if a drain started and the kill is still to come.
+    pub fn kill_at(&self) -> Option<Instant> {
+        self.shutdown().and_then(|s| s.kill_at)
+    }
+
+    /// When drainit stops the app itself if the kubelet's SIGTERM has not come after a prestop
+    /// drain.
+    pub fn handoff_by(&self) -> Option<Instant> {
+        match *self {
+            State::Drained { handoff_by, .. } => Some(handoff_by),
+            _ => None,
+        }
+    }
+
+    fn gate(&self) -> Gate {
+        match *self {
+            State::Starting { gate } | State::Ready { gate, .. } | State::Unready { gate } => gate,
+            State::Exited { .. } => Gate::Open,
+            _ => self.shutdown().map_or(Gate::Open, |s| s.gate),
+        }
+    }
+
+    /// The start-up gate holds the kubelet back from this ready app.
+    pub fn gate_holds(&self) -> bool {
+        matches!(
+            self,
+            State::Ready {
+                gate: Gate::Holding,
+                ..
             }
+        )
+    }
+
+    /// The start-up gate has opened (or there is none).
+    pub fn gate_is_open(&self) -> bool {
+        self.gate() == Gate::Open
+    }
+
+    fn shutdown_mut(&mut self) -> Option<&mut Shutdown> {
+        match self {
+            State::Draining { shutdown, .. }
+            | State::Drained { shutdown, .. }
+            | State::Stopping { shutdown, .. } => Some(shutdown),
             _ => None,
         }
     }
 
     /// `/alive`: the app process exists (draining and stopping included).
     pub fn is_alive(&self) -> bool {
-        !matches!(self, Phase::Exited { .. })
+        self.kind().is_alive()
     }
 
     /// `/ready`: the app runs and drainit is not draining.
     pub fn is_ready(&self) -> bool {
-        matches!(self, Phase::Ready)
+        self.kind().is_ready()
     }
 
     /// The drain has started, whatever happened since.
     pub fn drain_has_started(&self) -> bool {
-        !matches!(self, Phase::Starting | Phase::Ready | Phase::Unready)
+        self.kind().drain_has_started()
     }
 
     /// Nothing is left to wait for before the app may be stopped.
     pub fn drain_is_over(&self) -> bool {
-        matches!(
+        self.kind().drain_is_over()
+    }
+}
+
+impl PhaseKind {
+    pub const ALL: [PhaseKind; 7] = [
+        PhaseKind::Starting,
+        PhaseKind::Ready,
+        PhaseKind::Unready,
+        PhaseKind::Draining,
+        PhaseKind::Drained,
+        PhaseKind::Stopping,
+        PhaseKind::Exited,
+    ];
+
+    /// The phase's name in logs, `/status`, probe answers and metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            PhaseKind::Starting => "starting",
+            PhaseKind::Ready => "ready",
+            PhaseKind::Unready => "unready",
+            PhaseKind::Draining => "draining",
+            PhaseKind::Drained => "drained",
+            PhaseKind::Stopping => "stopping",
+            PhaseKind::Exited => "exited",
+        }
+    }
+
+    pub fn is_alive(self) -> bool {
+        self != PhaseKind::Exited
+    }
+
+    pub fn is_ready(self) -> bool {
+        self == PhaseKind::Ready
+    }
+
+    pub fn drain_has_started(self) -> bool {
+        !matches!(
             self,
-            Phase::Drained | Phase::Stopping | Phase::Exited { .. }
+            PhaseKind::Starting | PhaseKind::Ready | PhaseKind::Unready
         )
     }
 
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Starting => "starting",
-            Phase::Ready => "ready",
-            Phase::Unready => "unready",
-            Phase::Draining { .. } => "draining",
-            Phase::Drained => "drained",
-            Phase::Stopping => "stopping",
-            Phase::Exited { .. } => "exited",
-        }
+    pub fn drain_is_over(self) -> bool {
+        matches!(
+            self,
+            PhaseKind::Drained | PhaseKind::Stopping | PhaseKind::Exited
+        )
     }
 }
 
@@ -123,38 +541,90 @@ impl fmt::Display for DrainTrigger {
     }
 }
 
-impl fmt::Display for Phase {
+impl fmt::Display for PhaseKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+        f.write_str(self.label())
     }
 }
 
-/// What the lifecycle channel publishes: the phase, and when the drain began (the origin of the
-/// drain timeline and of the shutdown budget).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct State {
-    pub phase: Phase,
-    pub drain_started: Option<Instant>,
-    /// When the app last became ready (the start-up gate's timeout counts from it).
-    pub ready_since: Option<Instant>,
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.kind().fmt(f)
+    }
 }
 
-/// The writer's side: applies events, logs each transition, publishes the state.
+impl Note {
+    /// The lines with nothing to say but where the drain is.
+    fn plain(&self) -> Option<(&'static str, &'static str)> {
+        Some(match self {
+            Note::SigtermDuringPrestop => (
+                "sigterm_during_prestop",
+                "SIGTERM during the prestop drain: the app is stopped when the drain is over",
+            ),
+            Note::SigtermAfterPrestop => {
+                ("sigterm_after_prestop", "SIGTERM after the prestop drain")
+            }
+            Note::SigtermIgnoredDraining => (
+                "sigterm_ignored",
+                "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)",
+            ),
+            Note::SigtermIgnoredStopping => (
+                "sigterm_ignored",
+                "SIGTERM again: ignored, the app already has its stop signal",
+            ),
+            Note::WaitingForSigterm => (
+                "waiting_for_sigterm",
+                "waiting for the kubelet's SIGTERM to stop the app",
+            ),
+            _ => return None,
+        })
+    }
+
+    /// Logs the line, `elapsed_ms` into the drain.
+    pub fn log(&self, elapsed_ms: Option<u64>) {
+        if let Some((event, message)) = self.plain() {
+            info!(event, elapsed_ms, "{message}");
+            return;
+        }
+        match self {
+            Note::DrainInterrupted { signal } => info!(
+                event = "drain_interrupted",
+                signal = signals::name(*signal),
+                elapsed_ms,
+                "drain cut short: forwarding to the app now"
+            ),
+            Note::HandoffTimedOut => warn!(
+                event = "handoff_timed_out",
+                elapsed_ms,
+                "no SIGTERM within {PRESTOP_HANDOFF:?} of the prestop drain: stopping the app anyway"
+            ),
+            Note::Gate(GateVerdict::Opened { probes }) => info!(
+                event = "gate_opened",
+                probes,
+                "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
+            ),
+            Note::Gate(GateVerdict::TimedOut {
+                timeout,
+                waiting_for,
+            }) => warn!(event = "gate_timed_out",
+                timeout_ms = timeout.as_millis() as u64,
+                waiting_for = ?waiting_for,
+                "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// The writer's side: steps the state machine, logs each change of phase, publishes the state.
 pub struct Lifecycle {
     state: watch::Sender<State>,
-    metrics: Arc<Metrics>,
 }
 
 impl Lifecycle {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
-        metrics.set_phase(Phase::Starting.name());
+    pub fn new(gate: Gate) -> Self {
         Self {
-            state: watch::Sender::new(State {
-                phase: Phase::Starting,
-                drain_started: None,
-                ready_since: None,
-            }),
-            metrics,
+            state: watch::Sender::new(State::new(gate)),
         }
     }
 
@@ -162,161 +632,38 @@ impl Lifecycle {
         self.state.subscribe()
     }
 
-    pub fn phase(&self) -> Phase {
-        self.state.borrow().phase
-    }
-
-    pub fn drain_started(&self) -> Option<Instant> {
-        self.state.borrow().drain_started
+    pub fn state(&self) -> State {
+        *self.state.borrow()
     }
 
     /// Time since the drain began, for the timeline in the logs.
-    pub fn drain_elapsed(&self) -> Option<Duration> {
-        self.drain_started().map(|start| start.elapsed())
+    pub fn drain_elapsed_ms(&self) -> Option<u64> {
+        self.state()
+            .drain_started()
+            .map(|start| start.elapsed().as_millis() as u64)
     }
 
-    /// Applies `event`; returns whether the phase changed.
-    pub fn apply(&mut self, event: Event) -> bool {
-        let from = self.phase();
-        let Some(to) = from.next(event) else {
-            return false;
-        };
-        let before = *self.state.borrow();
-        let now = Instant::now();
-        self.metrics.set_phase(to.name());
-        self.state.send_replace(State {
-            phase: to,
-            drain_started: match event {
-                Event::DrainStarted(_) => Some(now),
-                _ => before.drain_started,
-            },
-            ready_since: match to {
-                Phase::Ready => Some(now),
-                _ => before.ready_since,
-            },
-        });
-        info!(
-            event = "phase_changed",
-            from = from.name(),
-            to = to.name(),
-            elapsed_ms = self.drain_elapsed().map(|e| e.as_millis() as u64),
-            "lifecycle transition"
-        );
-        true
+    /// Applies `event` now, publishes the new state, and returns what the supervisor must do.
+    #[must_use]
+    pub fn apply(&mut self, event: Event) -> Vec<Action> {
+        let from = self.state();
+        let (to, actions) = step(from, event, Instant::now());
+        if to == from {
+            return actions;
+        }
+        self.state.send_replace(to);
+        if to.kind() != from.kind() {
+            info!(
+                event = "phase_changed",
+                from = from.kind().label(),
+                to = to.kind().label(),
+                elapsed_ms = self.drain_elapsed_ms(),
+                "lifecycle transition"
+            );
+        }
+        actions
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use DrainTrigger::*;
-    use Event::*;
-
-    #[test]
-    fn sigterm_rollout_path() {
-        let mut phase = Phase::Starting;
-        for (event, expected) in [
-            (AppReady, Phase::Ready),
-            (DrainStarted(Sigterm), Phase::Draining { trigger: Sigterm }),
-            (StopSignalSent, Phase::Stopping),
-            (AppExited { code: 0 }, Phase::Exited { code: 0 }),
-        ] {
-            phase = phase.next(event).unwrap();
-            assert_eq!(phase, expected);
-        }
-    }
-
-    #[test]
-    fn prestop_drain_waits_in_drained() {
-        let phase = Phase::Ready.next(DrainStarted(Prestop)).unwrap();
-        let phase = phase.next(DrainOver).unwrap();
-        assert_eq!(phase, Phase::Drained);
-        assert!(phase.drain_is_over() && !phase.is_ready() && phase.is_alive());
-        assert_eq!(phase.next(StopSignalSent), Some(Phase::Stopping));
-    }
-
-    #[test]
-    fn a_second_drain_or_anything_after_exit_is_ignored() {
-        let draining = Phase::Draining { trigger: Sigterm };
-        assert_eq!(draining.next(DrainStarted(Prestop)), None);
-        assert_eq!(Phase::Stopping.next(DrainStarted(Sigterm)), None);
-        let exited = Phase::Exited { code: 3 };
-        for event in [
-            AppReady,
-            DrainStarted(Sigterm),
-            DrainOver,
-            StopSignalSent,
-            AppExited { code: 1 },
-        ] {
-            assert_eq!(exited.next(event), None);
-        }
-    }
-
-    #[test]
-    fn the_app_can_exit_in_any_phase() {
-        for phase in [
-            Phase::Starting,
-            Phase::Ready,
-            Phase::Draining { trigger: Prestop },
-            Phase::Drained,
-            Phase::Stopping,
-        ] {
-            assert_eq!(
-                phase.next(AppExited { code: 9 }),
-                Some(Phase::Exited { code: 9 })
-            );
-        }
-    }
-
-    #[test]
-    fn a_failing_app_check_takes_the_app_out_and_back() {
-        let unready = Phase::Ready.next(AppUnready).unwrap();
-        assert_eq!(unready, Phase::Unready);
-        assert!(!unready.is_ready() && unready.is_alive() && !unready.drain_has_started());
-        assert_eq!(unready.next(AppReady), Some(Phase::Ready));
-        assert_eq!(
-            unready.next(DrainStarted(Sigterm)),
-            Some(Phase::Draining { trigger: Sigterm })
-        );
-        assert_eq!(
-            Phase::Starting.next(AppUnready),
-            None,
-            "not ready yet is not unready"
-        );
-        assert_eq!(
-            Phase::Draining { trigger: Sigterm }.next(AppReady),
-            None,
-            "a drain is final"
-        );
-    }
-
-    #[test]
-    fn probes_follow_the_phase() {
-        assert!(Phase::Ready.is_ready());
-        for phase in [
-            Phase::Starting,
-            Phase::Draining { trigger: Sigterm },
-            Phase::Drained,
-            Phase::Stopping,
-            Phase::Exited { code: 0 },
-        ] {
-            assert!(!phase.is_ready(), "{phase}");
-        }
-        assert!(Phase::Stopping.is_alive());
-        assert!(!Phase::Exited { code: 0 }.is_alive());
-    }
-
-    #[test]
-    fn the_writer_records_the_drain_start_once() {
-        let mut lifecycle = Lifecycle::new(Arc::new(Metrics::new()));
-        let reader = lifecycle.subscribe();
-        assert!(lifecycle.apply(AppReady));
-        assert!(lifecycle.drain_started().is_none());
-        assert!(lifecycle.apply(DrainStarted(Sigterm)));
-        let started = lifecycle.drain_started().unwrap();
-        assert!(!lifecycle.apply(DrainStarted(Prestop)));
-        assert_eq!(lifecycle.drain_started(), Some(started));
-        assert_eq!(reader.borrow().phase, Phase::Draining { trigger: Sigterm });
-        assert_eq!(reader.borrow().drain_started, Some(started));
-    }
-}
+mod tests;

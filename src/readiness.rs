@@ -27,7 +27,6 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::app;
-use crate::drain::lb_probes::Checkers;
 use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
 use crate::listening::{self, ListenCheck};
@@ -137,16 +136,41 @@ impl AppCheck {
         Ok(AppCheck::Exec(argv))
     }
 
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> CheckKind {
         match self {
-            AppCheck::Http(_) => "http",
-            AppCheck::Tcp(_) => "tcp",
-            AppCheck::Exec(_) => "exec",
-            AppCheck::Listen(_) => "listen",
+            AppCheck::Http(_) => CheckKind::Http,
+            AppCheck::Tcp(_) => CheckKind::Tcp,
+            AppCheck::Exec(_) => CheckKind::Exec,
+            AppCheck::Listen(_) => CheckKind::Listen,
         }
     }
+}
 
-    pub const KINDS: [&'static str; 4] = ["http", "tcp", "exec", "listen"];
+/// The kind of an [`AppCheck`]: the `kind` label of the app check metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckKind {
+    Http,
+    Tcp,
+    Exec,
+    Listen,
+}
+
+impl CheckKind {
+    pub const ALL: [CheckKind; 4] = [
+        CheckKind::Http,
+        CheckKind::Tcp,
+        CheckKind::Exec,
+        CheckKind::Listen,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            CheckKind::Http => "http",
+            CheckKind::Tcp => "tcp",
+            CheckKind::Exec => "exec",
+            CheckKind::Listen => "listen",
+        }
+    }
 }
 
 /// A check with what it needs to run: the reaper's waiters (exec) and what it has seen of the
@@ -324,7 +348,10 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn as_str(self) -> &'static str {
+    pub const ALL: [Verdict; 3] = [Verdict::Pass, Verdict::Fail, Verdict::Timeout];
+
+    /// The `result` label of the app check metrics, and the word in logs and `/status`.
+    pub fn label(self) -> &'static str {
         match self {
             Verdict::Pass => "pass",
             Verdict::Fail => "fail",
@@ -350,44 +377,6 @@ pub struct ReadinessConfig {
     pub min_ready: Duration,
 }
 
-/// `--ready-after-lb-probes`: the kubelet is told "not ready" until the load balancers checking
-/// `/ready` have each seen it healthy `probes` times in a row (they are told the truth at once),
-/// so a rollout does not stop an old pod before the load balancers use the new one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StartupGate {
-    pub probes: u32,
-    /// After this long ready, the gate opens anyway (with a warning).
-    pub timeout: Duration,
-}
-
-/// Whether the gate lets the kubelet see the pod ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateState {
-    Waiting,
-    Open,
-    /// Opened by the timeout: no load balancer confirmed.
-    TimedOut,
-}
-
-impl StartupGate {
-    pub fn state(
-        &self,
-        checkers: &Checkers,
-        ready_since: Option<Instant>,
-        now: Instant,
-    ) -> GateState {
-        if checkers.all_healthy(now, self.probes) {
-            GateState::Open
-        } else if ready_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= self.timeout)
-        {
-            GateState::TimedOut
-        } else {
-            GateState::Waiting
-        }
-    }
-}
-
 /// The last check and since when the check has passed without a break, for `/status`.
 #[derive(Debug, Default)]
 pub struct CheckLog {
@@ -407,13 +396,13 @@ impl CheckLog {
             return json!({ "kind": "none", "min_ready_ms": config.min_ready.as_millis() as u64 });
         };
         json!({
-            "kind": check.kind(),
+            "kind": check.kind().label(),
             "target": check.to_string(),
             "interval_ms": config.interval.as_millis() as u64,
             "min_ready_ms": config.min_ready.as_millis() as u64,
             "passing_for_ms": self.passing_since.map(|t| now.saturating_duration_since(t).as_millis() as u64),
             "last": self.last.as_ref().map(|o| json!({
-                "result": o.verdict.as_str(),
+                "result": o.verdict.label(),
                 "detail": o.detail,
                 "duration_ms": o.duration.as_secs_f64() * 1000.0,
                 "ms_ago": now.saturating_duration_since(o.at).as_millis() as u64,
@@ -439,7 +428,7 @@ pub async fn run(
     let mut reminded = started;
     let _ = tokio::time::timeout(running.first_look_after(), state.changed()).await;
     loop {
-        if state.borrow_and_update().phase.drain_has_started() {
+        if state.borrow_and_update().drain_has_started() {
             return;
         }
         let outcome = running.run(config.timeout).await;
@@ -451,7 +440,7 @@ pub async fn run(
                 check = %check,
                 waited_s = started.elapsed().as_secs(),
                 ever_ready,
-                result = outcome.verdict.as_str(),
+                result = outcome.verdict.label(),
                 detail = outcome.detail,
                 "app not ready: /ready answers 503 until the app check passes"
             );
@@ -501,7 +490,7 @@ pub const NOT_READY_REMINDER: Duration = Duration::from_secs(10);
 /// A check that has not passed yet is the normal state of an app starting up; one that fails
 /// after the app was ready takes it out of rotation and is worth a warning.
 fn report_change(check: &AppCheck, outcome: &Outcome, ever_ready: bool) {
-    let (result, detail) = (outcome.verdict.as_str(), outcome.detail.as_str());
+    let (result, detail) = (outcome.verdict.label(), outcome.detail.as_str());
     match outcome.verdict {
         Verdict::Pass => {
             info!(event = "app_check_passed", check = %check, duration_ms = outcome.duration.as_millis() as u64, detail, "app check passes")
@@ -518,14 +507,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_kind_of_check_is_a_known_metric_label() {
-        for check in [
-            AppCheck::http("http://127.0.0.1:8080/").unwrap(),
-            AppCheck::tcp("localhost:1").unwrap(),
-            AppCheck::exec("true").unwrap(),
-            AppCheck::Listen(vec![]),
+    fn every_kind_of_check_is_named_as_it_is_spelled() {
+        for (check, label) in [
+            (AppCheck::http("http://127.0.0.1:8080/").unwrap(), "http"),
+            (AppCheck::tcp("localhost:1").unwrap(), "tcp"),
+            (AppCheck::exec("true").unwrap(), "exec"),
+            (AppCheck::Listen(vec![]), "listen"),
         ] {
-            assert!(AppCheck::KINDS.contains(&check.kind()), "{check}");
+            assert_eq!(check.kind().label(), label, "{check}");
         }
         assert_eq!(AppCheck::tcp_option("auto").unwrap(), TcpOption::Auto);
         assert_eq!(AppCheck::tcp_option("none").unwrap(), TcpOption::None);

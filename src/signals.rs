@@ -67,12 +67,16 @@ pub fn meaning(signal: i32) -> Meaning {
 }
 
 /// Every signal drainit handles, real-time signals included.
-fn handled() -> impl Iterator<Item = i32> {
-    let realtime = libc_sigrtmin()..=libc_sigrtmax();
-    [sig::SIGCHLD, DRAIN_TRIGGER]
+pub fn handled() -> impl Iterator<Item = i32> {
+    [sig::SIGCHLD, DRAIN_TRIGGER].into_iter().chain(forwarded())
+}
+
+/// Every signal that reaches the app when drainit catches it (SIGINT and SIGQUIT too, after
+/// they cut a drain short): what the forwarded-signals metric counts.
+pub fn forwarded() -> impl Iterator<Item = i32> {
+    FORWARDED
         .into_iter()
-        .chain(FORWARDED)
-        .chain(realtime)
+        .chain(libc_sigrtmin()..=libc_sigrtmax())
 }
 
 fn libc_sigrtmin() -> i32 {
@@ -200,6 +204,21 @@ mod tests {
         assert_eq!(meaning(sig::SIGINT), Meaning::Interrupt(sig::SIGINT));
         assert_eq!(meaning(sig::SIGHUP), Meaning::Forward(sig::SIGHUP));
         assert!(handled().any(|s| s == libc_sigrtmax()));
+    }
+
+    #[test]
+    fn every_caught_signal_but_term_and_chld_reaches_the_app() {
+        for signal in handled() {
+            let reaches_the_app =
+                matches!(meaning(signal), Meaning::Forward(_) | Meaning::Interrupt(_));
+            assert_eq!(
+                forwarded().any(|s| s == signal),
+                reaches_the_app,
+                "{}",
+                name(signal)
+            );
+        }
+        assert!(forwarded().all(|s| s != sig::SIGTERM && s != sig::SIGCHLD));
     }
 
     #[test]

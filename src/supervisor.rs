@@ -1,5 +1,6 @@
-//! The supervisor: one loop that turns signals, prestop requests, timers and the app's exit into
-//! lifecycle events. It is the only writer of the lifecycle.
+//! The supervisor: one loop that turns signals, prestop requests, deadlines and the app's exit into
+//! lifecycle events, and carries out the actions the lifecycle's `step` decides. It is the only
+//! writer of the lifecycle, and keeps no lifecycle fact of its own.
 //!
 //! Signals pending together are taken in signal-number order, and one kind sent twice before
 //! drainit looks counts once (signal-hook merges them, as the kernel does for standard signals).
@@ -20,8 +21,8 @@ use tracing::{info, warn};
 use crate::app::App;
 use crate::budget::Budget;
 use crate::config::RunConfig;
-use crate::drain::{DrainEnd, DrainPolicy, EndReason, Observers, PRESTOP_HANDOFF, traffic};
-use crate::lifecycle::{DrainTrigger, Event, Lifecycle, Phase};
+use crate::drain::{DrainEnd, DrainPolicy, EndReason, Observers, traffic};
+use crate::lifecycle::{Action, DrainFacts, DrainTrigger, Event, Lifecycle, State};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::signals::{self, Meaning};
@@ -33,7 +34,7 @@ pub struct Inputs {
     pub signals: Signals,
     /// `drainit prestop` asked for the drain.
     pub drain_requests: mpsc::Receiver<()>,
-    /// The app check's verdicts: `AppReady` and `AppUnready`.
+    /// The app check's verdicts (`AppReady`, `AppUnready`) and the start-up gate's (`Gate`).
     pub readiness: mpsc::Receiver<Event>,
 }
 
@@ -45,16 +46,10 @@ pub struct Supervisor {
     observers: Observers,
     budget: Budget,
     stop_signal: i32,
-    /// The drain under way, if any.
+    /// The drain under way, if any: the effect of the `Draining` phase.
     drain: Option<DrainFuture>,
-    /// SIGTERM arrived while a prestop drain was under way: stop as soon as it is over.
-    sigterm_during_prestop: bool,
-    /// A prestop drain is over and the kubelet's SIGTERM has not come yet.
-    handoff_deadline: Option<Instant>,
-    /// When the app's group gets SIGKILL.
-    kill_deadline: Option<Instant>,
-    /// When the app was sent its stop signal, for the time it took to exit.
-    stop_sent: Option<Instant>,
+    /// The end of the drain that just resolved, until `ReportDrainEnd` logs it.
+    ended: Option<DrainEnd>,
     metrics: Arc<Metrics>,
 }
 
@@ -76,10 +71,7 @@ impl Supervisor {
             budget: config.budget,
             stop_signal: config.stop_signal,
             drain: None,
-            sigterm_during_prestop: false,
-            handoff_deadline: None,
-            kill_deadline: None,
-            stop_sent: None,
+            ended: None,
             metrics,
         }
     }
@@ -92,7 +84,8 @@ impl Supervisor {
             mut readiness,
         } = inputs;
         loop {
-            if let Phase::Exited { code } = self.lifecycle.phase() {
+            let state = self.lifecycle.state();
+            if let State::Exited { code, .. } = state {
                 return code;
             }
             tokio::select! {
@@ -100,15 +93,50 @@ impl Supervisor {
                 // app forking short-lived children) must not hold back the budget kill. Then
                 // signals: an exit or a SIGTERM never waits behind anything else.
                 biased;
-                () = at(self.kill_deadline) => self.on_budget_spent(),
-                () = at(self.handoff_deadline) => self.on_handoff_timeout(),
+                () = at(state.kill_at()) => self.on_budget_spent(),
+                () = at(state.handoff_by()) => self.handle(Event::HandoffDue),
                 Some(signal) = signals.next() => self.on_signal(signal),
-                end = drain_over(&mut self.drain) => self.on_drain_over(end),
-                Some(()) = drain_requests.recv() => self.start_drain(DrainTrigger::Prestop),
-                Some(event) = readiness.recv() => {
-                    self.lifecycle.apply(event);
+                end = drain_over(&mut self.drain) => {
+                    self.drain = None;
+                    self.ended = Some(end);
+                    self.handle(Event::DrainOver);
+                }
+                Some(()) = drain_requests.recv() => self.handle(Event::DrainRequest(self.drain_facts())),
+                Some(event) = readiness.recv() => self.handle(event),
+            }
+        }
+    }
+
+    /// Steps the lifecycle and carries out what it decided.
+    fn handle(&mut self, event: Event) {
+        for action in self.lifecycle.apply(event) {
+            self.execute(action);
+        }
+    }
+
+    fn execute(&mut self, action: Action) {
+        match action {
+            Action::StartDrain {
+                trigger,
+                never_ready,
+            } => self.start_drain(trigger, never_ready),
+            Action::ReportDrainEnd => {
+                if let Some(end) = self.ended.take() {
+                    self.report_drain_end(&end);
                 }
             }
+            Action::InterruptDrain => self.interrupt_drain(),
+            Action::Forward(signal) => self.forward(signal),
+            Action::SendStopSignal => self.stop_app(),
+            Action::Resume => self.app.resume(),
+            Action::KillGroup => self.kill_group(),
+            Action::AppGone {
+                code,
+                signal,
+                unexpected,
+                stop_took,
+            } => self.on_app_gone(code, signal, unexpected, stop_took),
+            Action::Log(note) => note.log(self.elapsed_ms()),
         }
     }
 
@@ -117,11 +145,19 @@ impl Supervisor {
             Meaning::ChildExited => {
                 self.reap();
             }
-            Meaning::Drain => self.on_sigterm(),
-            Meaning::Interrupt(signal) => self.on_interrupt(signal),
-            Meaning::Forward(signal) => {
-                self.forward(signal);
-            }
+            Meaning::Drain => self.handle(Event::Sigterm(self.drain_facts())),
+            Meaning::Interrupt(signal) => self.handle(Event::Interrupt { signal }),
+            Meaning::Forward(signal) => self.forward(signal),
+        }
+    }
+
+    /// What a drain request needs to know now.
+    fn drain_facts(&self) -> DrainFacts {
+        DrainFacts {
+            had_traffic: traffic::lock(&self.observers.traffic)
+                .last_activity
+                .is_some(),
+            kill_after: self.budget.kill_after(),
         }
     }
 
@@ -132,7 +168,10 @@ impl Supervisor {
         self.metrics
             .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
         if let Some(exit) = &app_exit {
-            self.on_app_exit(exit.code, exit.signal);
+            self.handle(Event::AppExited {
+                code: exit.code,
+                signal: exit.signal,
+            });
         }
         app_exit.is_some()
     }
@@ -145,89 +184,15 @@ impl Supervisor {
             elapsed_ms = self.elapsed_ms(),
             "forwarding signal to the app"
         );
-        self.metrics.signal_forwarded(&name);
+        self.metrics.signal_forwarded(signal);
         self.app.forward(signal);
     }
 
-    fn on_sigterm(&mut self) {
-        match self.lifecycle.phase() {
-            Phase::Starting | Phase::Ready | Phase::Unready => {
-                self.start_drain(DrainTrigger::Sigterm)
-            }
-            Phase::Draining {
-                trigger: DrainTrigger::Prestop,
-            } => {
-                self.sigterm_during_prestop = true;
-                info!(
-                    event = "sigterm_during_prestop",
-                    elapsed_ms = self.elapsed_ms(),
-                    "SIGTERM during the prestop drain: the app is stopped when the drain is over"
-                );
-            }
-            Phase::Drained => {
-                info!(
-                    event = "sigterm_after_prestop",
-                    elapsed_ms = self.elapsed_ms(),
-                    "SIGTERM after the prestop drain"
-                );
-                self.stop_app();
-            }
-            Phase::Draining { .. } => {
-                info!(
-                    event = "sigterm_ignored",
-                    elapsed_ms = self.elapsed_ms(),
-                    "SIGTERM again: ignored (SIGINT or SIGQUIT stop the app now)"
-                );
-            }
-            Phase::Stopping => {
-                info!(
-                    event = "sigterm_ignored",
-                    elapsed_ms = self.elapsed_ms(),
-                    "SIGTERM again: ignored, the app already has its stop signal"
-                );
-            }
-            Phase::Exited { .. } => {}
-        }
-    }
-
-    /// SIGINT and SIGQUIT are an operator's "now": they end a drain early and reach the app as is.
-    fn on_interrupt(&mut self, signal: i32) {
-        let phase = self.lifecycle.phase();
-        if matches!(phase, Phase::Draining { .. } | Phase::Drained) {
-            info!(
-                event = "drain_interrupted",
-                signal = signals::name(signal),
-                elapsed_ms = self.elapsed_ms(),
-                "drain cut short: forwarding to the app now"
-            );
-            if self.drain.take().is_some() {
-                let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
-                self.report_drain_end(&DrainEnd {
-                    reason: EndReason::Interrupted,
-                    elapsed: started.elapsed(),
-                    report: self.observers.evidence(started),
-                });
-            }
-            self.forward(signal);
-            self.stop_signal_sent();
-        } else {
-            self.forward(signal);
-        }
-    }
-
-    fn start_drain(&mut self, trigger: DrainTrigger) {
-        // /ready never answered 200 and the app never had a request: nothing routes traffic here,
-        // so there is nothing to drain. (A load balancer that checks the app's own port instead
-        // of /ready may route to it all the same: its requests are what rules that out.)
-        let never_ready = self.lifecycle.phase() == Phase::Starting
-            && traffic::lock(&self.observers.traffic)
-                .last_activity
-                .is_none();
-        if !self.lifecycle.apply(Event::DrainStarted(trigger)) {
+    fn start_drain(&mut self, trigger: DrainTrigger, never_ready: bool) {
+        let state = self.lifecycle.state();
+        let (Some(started), Some(kill_at)) = (state.drain_started(), state.kill_at()) else {
             return;
-        }
-        let started = self.lifecycle.drain_started().unwrap_or_else(Instant::now);
-        let kill_at = self.budget.kill_at(started);
+        };
         info!(event = "drain_started",
             trigger = %trigger,
             drain_ms = self.drain_policy.longest().as_millis() as u64,
@@ -239,7 +204,7 @@ impl Supervisor {
             let end = DrainEnd {
                 reason: EndReason::NeverReady,
                 elapsed: Duration::ZERO,
-                report: self.observers.evidence(started),
+                evidence: self.observers.evidence(started),
             };
             Box::pin(std::future::ready(end))
         } else {
@@ -249,27 +214,23 @@ impl Supervisor {
                     .run(started, self.observers.clone()),
             )
         });
-        self.kill_deadline = Some(kill_at);
     }
 
-    fn on_drain_over(&mut self, end: DrainEnd) {
-        self.drain = None;
-        let trigger = match self.lifecycle.phase() {
-            Phase::Draining { trigger } => trigger,
-            _ => return,
-        };
-        self.report_drain_end(&end);
-        self.lifecycle.apply(Event::DrainOver);
-        if trigger == DrainTrigger::Sigterm || self.sigterm_during_prestop {
-            self.stop_app();
-        } else {
-            info!(
-                event = "waiting_for_sigterm",
-                elapsed_ms = self.elapsed_ms(),
-                "waiting for the kubelet's SIGTERM to stop the app"
-            );
-            self.handoff_deadline = Some(Instant::now() + PRESTOP_HANDOFF);
+    /// SIGINT or SIGQUIT cut the drain short: it ends here, with what it saw so far.
+    fn interrupt_drain(&mut self) {
+        if self.drain.take().is_none() {
+            return;
         }
+        let started = self
+            .lifecycle
+            .state()
+            .drain_started()
+            .unwrap_or_else(Instant::now);
+        self.report_drain_end(&DrainEnd {
+            reason: EndReason::Interrupted,
+            elapsed: started.elapsed(),
+            evidence: self.observers.evidence(started),
+        });
     }
 
     /// Every drain, however it ended, gets one `drain over` line with its evidence.
@@ -277,21 +238,13 @@ impl Supervisor {
         info!(event = "drain_over",
             reason = end.reason.as_str(),
             elapsed_ms = end.elapsed.as_millis() as u64,
-            evidence = %end.report,
+            evidence = %end.evidence,
             "drain over"
         );
-        self.metrics.drain_ended(end.reason.label(), end.elapsed);
+        self.metrics.drain_ended(end.reason, end.elapsed);
     }
 
-    fn on_handoff_timeout(&mut self) {
-        warn!(
-            event = "handoff_timed_out",
-            elapsed_ms = self.elapsed_ms(),
-            "no SIGTERM within {PRESTOP_HANDOFF:?} of the prestop drain: stopping the app anyway"
-        );
-        self.stop_app();
-    }
-
+    /// The stop signal. A stopped app is continued, so that it acts on it.
     fn stop_app(&mut self) {
         info!(
             event = "stop_signal_sent",
@@ -300,24 +253,17 @@ impl Supervisor {
             "sending the stop signal to the app"
         );
         self.app.forward(self.stop_signal);
-        self.stop_signal_sent();
-    }
-
-    /// The app has been told to stop (the stop signal, or an operator's INT or QUIT). A stopped
-    /// app is continued, so that it acts on it.
-    fn stop_signal_sent(&mut self) {
         self.app.resume();
-        self.handoff_deadline = None;
-        self.stop_sent = Some(Instant::now());
-        self.lifecycle.apply(Event::StopSignalSent);
     }
 
     fn on_budget_spent(&mut self) {
-        self.kill_deadline = None;
         // Deadlines are polled before signals: the app may have exited just in time.
-        if self.reap() {
-            return;
+        if !self.reap() {
+            self.handle(Event::BudgetSpent);
         }
+    }
+
+    fn kill_group(&mut self) {
         warn!(
             event = "budget_kill",
             elapsed_ms = self.elapsed_ms(),
@@ -336,16 +282,19 @@ impl Supervisor {
         self.metrics.budget_kill();
     }
 
-    fn on_app_exit(&mut self, code: u8, signal: Option<Signal>) {
-        if let Some(stop_sent) = self.stop_sent {
-            self.metrics.app_stopped(stop_sent.elapsed());
+    fn on_app_gone(
+        &mut self,
+        code: u8,
+        signal: Option<Signal>,
+        unexpected: bool,
+        stop_took: Option<Duration>,
+    ) {
+        if let Some(took) = stop_took {
+            self.metrics.app_stopped(took);
         }
         self.drain = None;
-        self.kill_deadline = None;
-        self.handoff_deadline = None;
         match signal {
-            // Killed by a signal before drainit stopped it: a crash, the OOM killer, an operator.
-            Some(signal) if self.stop_sent.is_none() => warn!(
+            Some(signal) if unexpected => warn!(
                 event = "app_exited",
                 code,
                 signal = signal.as_str(),
@@ -362,7 +311,6 @@ impl Supervisor {
                 "app exited"
             ),
         }
-        self.lifecycle.apply(Event::AppExited { code });
         let (app, reaper) = (self.app, &mut self.reaper);
         if app.kill_leftovers(&reaper.waiters().pids(), || {
             reaper.reap(app.pid);
@@ -375,7 +323,7 @@ impl Supervisor {
     }
 
     fn elapsed_ms(&self) -> Option<u64> {
-        self.lifecycle.drain_elapsed().map(|e| e.as_millis() as u64)
+        self.lifecycle.drain_elapsed_ms()
     }
 }
 
@@ -392,5 +340,56 @@ async fn at(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lifecycle::{Gate, step};
+
+    const KILL_AFTER: Duration = Duration::from_secs(29);
+
+    /// A ready pod asked to drain (`Event::Sigterm` or `Event::DrainRequest`) now.
+    fn drain_now(request: fn(DrainFacts) -> Event) -> State {
+        let facts = DrainFacts {
+            had_traffic: true,
+            kill_after: KILL_AFTER,
+        };
+        let ready = step(State::new(Gate::Open), Event::AppReady, Instant::now()).0;
+        step(ready, request(facts), Instant::now()).0
+    }
+
+    /// What the supervisor's loop waits on, on the paused clock: the kill lands at the budget's
+    /// deadline to the millisecond, once.
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_kill_lands_at_its_deadline() {
+        let started = Instant::now();
+        let draining = drain_now(Event::Sigterm);
+        assert_eq!(draining.handoff_by(), None);
+        at(draining.kill_at()).await;
+        assert_eq!(Instant::now() - started, KILL_AFTER);
+        let (killed, actions) = step(draining, Event::BudgetSpent, Instant::now());
+        assert_eq!(actions, [Action::KillGroup]);
+        let never = tokio::time::timeout(KILL_AFTER, at(killed.kill_at())).await;
+        assert!(never.is_err(), "no deadline left");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_prestop_drain_over_hands_off_at_its_deadline() {
+        let started = Instant::now();
+        let draining = drain_now(Event::DrainRequest);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (drained, _) = step(draining, Event::DrainOver, Instant::now());
+        // The handoff deadline comes before the kill: it is the one the loop wakes for.
+        tokio::select! {
+            biased;
+            () = at(drained.kill_at()) => panic!("the kill came first"),
+            () = at(drained.handoff_by()) => {}
+        }
+        assert_eq!(
+            Instant::now() - started,
+            Duration::from_secs(3) + crate::lifecycle::PRESTOP_HANDOFF
+        );
     }
 }

@@ -4,60 +4,14 @@ mod common;
 
 use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::{Drainit, drainit_bin, unique_control};
-
-/// Runs drainit to completion with a free port and control socket unless `args` name their own;
-/// `touch` is the command it would run, to prove the app never started.
-fn drainit(args: &[&str]) -> Output {
-    let start = Instant::now();
-    let output = Command::new(drainit_bin())
-        .args([
-            "--health-listen",
-            "127.0.0.1:0",
-            "--control",
-            &unique_control(),
-        ])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run drainit");
-    assert!(
-        start.elapsed() < Duration::from_secs(5),
-        "drainit took {:?} to fail",
-        start.elapsed()
-    );
-    output
-}
-
-/// Asserts that drainit `options` around an app that would leave a marker file exits with `code`
-/// and a single stderr line containing `says`, and that the app never ran.
-fn assert_refused(options: &[&str], code: i32, says: &str) {
-    let dir = tempfile::tempdir().unwrap();
-    let marker = dir.path().join("app-ran");
-    let touch = format!("touch {}", marker.display());
-    let mut args = options.to_vec();
-    args.extend(["--", "sh", "-c", &touch]);
-    assert_output(&args, code, says);
-    assert!(!marker.exists(), "{options:?}: the app was started");
-}
+use common::{Drainit, assert_refused, command, drainit_bin, refused_with};
 
 /// Asserts the exit code and a single stderr line containing `says`.
 fn assert_output(args: &[&str], code: i32, says: &str) {
-    let output = drainit(args);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(code), "{args:?}: {stderr}");
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "{args:?}: not one line:\n{stderr}"
-    );
-    assert!(
-        stderr.contains(says),
-        "{args:?}: expected '{says}' in: {stderr}"
-    );
+    refused_with(args, &[], code, says);
 }
 
 #[test]
@@ -304,48 +258,39 @@ fn readiness_options_are_checked() {
 
 #[test]
 fn bad_environment_values_are_usage_errors_too() {
-    let output = Command::new(drainit_bin())
-        .env("DRAINIT_DRAIN_DELAY", "forever")
-        .args(["--", "true"])
-        .output()
-        .unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("forever"));
+    refused_with(
+        &["--", "true"],
+        &[("DRAINIT_DRAIN_DELAY", "forever")],
+        2,
+        "forever",
+    );
 }
 
 #[test]
 fn a_variable_with_no_effect_is_a_warning_where_the_flag_is_an_error() {
     // A ConfigMap shared by pods that do and do not watch their drain must not crash-loop some.
-    let mut drainit = Drainit::start_with(
-        {
-            let mut cmd = Command::new(drainit_bin());
-            cmd.env("DRAINIT_DRAIN_MIN", "500ms")
-                .env("DRAINIT_DRAIN_DELAY", "20s");
-            cmd
-        },
-        &[
-            "--drain-watch",
-            "traffic",
-            "--drain-max",
-            "2s",
-            "--grace-period",
-            "10s",
-        ],
-        &["sleep", "30"],
-    );
-    drainit.log("--drain-max wins, --drain-delay is ignored");
+    let mut drainit = Drainit::builder()
+        .env("DRAINIT_DRAIN_MIN", "500ms")
+        .env("DRAINIT_DRAIN_DELAY", "20s")
+        .options(&["--drain-watch", "traffic", "--drain-max", "2s"])
+        .grace_period("10s")
+        .app(command(&["sleep", "30"]))
+        .start();
+    let ignored = drainit.event("drain_delay_ignored");
+    assert_eq!(ignored["level"], "WARN", "{ignored}");
     drainit.signal(nix::sys::signal::Signal::SIGTERM);
     assert_eq!(drainit.exit_code(Duration::from_secs(10)), 143);
-    let mut lonely = Drainit::start_with(
-        {
-            let mut cmd = Command::new(drainit_bin());
-            cmd.env("DRAINIT_QUIET_PERIOD", "2s");
-            cmd
-        },
-        &[],
-        &["true"],
+    let mut lonely = Drainit::builder()
+        .env("DRAINIT_QUIET_PERIOD", "2s")
+        .app(command(&["true"]))
+        .start();
+    let ignored = lonely.event("variable_ignored");
+    assert!(
+        ignored["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("DRAINIT_QUIET_PERIOD is ignored")),
+        "{ignored}"
     );
-    lonely.log("DRAINIT_QUIET_PERIOD is ignored: --quiet-period only applies to a watched drain");
     assert_eq!(lonely.exit_code(Duration::from_secs(5)), 0);
 }
 

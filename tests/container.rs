@@ -271,7 +271,7 @@ fn podman_stop_drains_and_the_container_exits_with_the_apps_code() {
     assert_eq!(container.exit_code(), 3, "logs:\n{}", container.logs());
     let logs = container.logs();
     assert!(logs.contains("demo-app: signal TERM"), "logs:\n{logs}");
-    assert!(logs.contains("drain over"), "logs:\n{logs}");
+    assert!(logs.contains(r#"event="drain_over""#), "logs:\n{logs}");
 }
 
 #[test]

@@ -18,7 +18,7 @@
 //!
 //! Needs root, iproute2 (`ip netns`) and HAProxy; fails rather than skips without them.
 
-mod lb;
+mod common;
 
 use std::net::SocketAddr;
 use std::thread;
@@ -26,10 +26,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 
-use lb::{
-    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc,
-    Replica, Retries, Tuning, demo_app_bin, drainit_bin, free_ports, haproxy_bin, opt_ms,
-    outputs_but, unique_control,
+use common::{
+    Arrivals, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Replica,
+    Retries, Tuning, demo, free_ports, haproxy_bin, opt_ms, outputs_but,
 };
 
 const APP_PORT: u16 = 8080;
@@ -115,19 +114,11 @@ fn rolling_restart(options: &[&str]) -> Outcome {
         options.join(" ")
     };
     let clock = Clock::new();
-    let mut replicas: Vec<Replica> = ["r1", "r2"]
-        .into_iter()
-        .map(|server| {
-            Replica::start(server, |netns| {
-                start_replica(server, netns, options, &clock)
-            })
-        })
-        .collect();
+    let mut replicas = Replica::start_all(&["r1", "r2"], |server, netns| {
+        start_replica(server, netns, options, &clock)
+    });
     let [frontend] = free_ports();
-    let backends: Vec<Backend> = replicas
-        .iter()
-        .map(|r| r.backend(APP_PORT, HEALTH_PORT))
-        .collect();
+    let backends = Replica::backends(&replicas, APP_PORT, HEALTH_PORT);
     let tuning = Tuning {
         retries: Retries::Never,
         ..Tuning::default()
@@ -195,26 +186,27 @@ fn rolling_restart(options: &[&str]) -> Outcome {
 /// namespace and waits until HAProxy has it in rotation.
 fn replace(replica: &mut Replica, options: &[&str], haproxy: &Haproxy, clock: &Clock) -> Step {
     let server = replica.server.clone();
-    kill(replica.proc.pid(), Signal::SIGTERM).expect("cannot SIGTERM the replica");
-    clock.event(format!("SIGTERM to {}", replica.proc.name));
+    kill(replica.drainit.proc.pid(), Signal::SIGTERM).expect("cannot SIGTERM the replica");
+    clock.event(format!("SIGTERM to {}", replica.drainit.proc.name));
     let status = replica
+        .drainit
         .proc
         .wait_exit(Duration::from_secs(12))
         .unwrap_or_else(|| {
             panic!(
                 "{} did not exit within 12 s of its SIGTERM:\n{}",
-                replica.proc.name,
-                replica.proc.output()
+                replica.drainit.proc.name,
+                replica.drainit.proc.output()
             )
         });
     assert_eq!(
         status.code(),
         Some(0),
         "{} exited with {status}:\n{}",
-        replica.proc.name,
-        replica.proc.output()
+        replica.drainit.proc.name,
+        replica.drainit.proc.output()
     );
-    clock.event(format!("{} exited", replica.proc.name));
+    clock.event(format!("{} exited", replica.drainit.proc.name));
     let out = haproxy.server_status(&server);
     assert!(
         !haproxy.in_rotation(&out),
@@ -223,7 +215,7 @@ fn replace(replica: &mut Replica, options: &[&str], haproxy: &Haproxy, clock: &C
 
     let started = Instant::now();
     let replacement = start_replica(&server, &replica.netns, options, clock);
-    drop(std::mem::replace(&mut replica.proc, replacement));
+    drop(std::mem::replace(&mut replica.drainit, replacement));
     // Polled together, so that the order of the two is measured, not assumed.
     let listening = format!("demo-app: listening on 0.0.0.0:{APP_PORT}");
     let mut app_listening_after = None;
@@ -231,8 +223,9 @@ fn replace(replica: &mut Replica, options: &[&str], haproxy: &Haproxy, clock: &C
     let up_after = loop {
         if app_listening_after.is_none()
             && replica
-                .proc
-                .wait_line(Duration::ZERO, |l| l == listening)
+                .drainit
+                .app
+                .wait_for(Duration::ZERO, |l| l == listening)
                 .is_some()
         {
             app_listening_after = Some(started.elapsed());
@@ -246,7 +239,7 @@ fn replace(replica: &mut Replica, options: &[&str], haproxy: &Haproxy, clock: &C
 {}
 HAProxy:
 {}",
-            replica.proc.output(),
+            replica.drainit.proc.output(),
             haproxy.proc.output()
         );
         thread::sleep(Duration::from_millis(10));
@@ -261,33 +254,26 @@ HAProxy:
 
 /// drainit around the slow-starting demo app in `netns`; waits for drainit's probe server only
 /// (the app listens later).
-fn start_replica(server: &str, netns: &Netns, options: &[&str], clock: &Clock) -> Proc {
-    let mut command = netns.command(&drainit_bin());
-    command
-        .arg("--health-listen")
-        .arg(format!("0.0.0.0:{HEALTH_PORT}"))
-        .arg("--control")
-        .arg(unique_control(server))
-        .args(["--log-format", "json"])
-        .args(["--drain-delay", DRAIN_DELAY, "--grace-period", "10s"])
-        .args(options)
-        .arg("--")
-        .arg(demo_app_bin())
-        .arg("--listen")
-        .arg(format!("0.0.0.0:{APP_PORT}"))
-        .args(["--listen-after", LISTEN_AFTER_MS])
-        .arg("--name")
-        .arg(server);
-    let name = format!("drainit({server})");
-    let proc = Proc::spawn(&name, &mut command, Some((clock, timeline_event)));
-    let timeout = Duration::from_secs(10);
-    assert!(
-        proc.wait_line(timeout, |l| l.contains("probe server listening"))
-            .is_some(),
-        "{name}: drainit's probe server did not come up within {timeout:?}:\n{}",
-        proc.output()
-    );
-    proc
+fn start_replica(server: &str, netns: &Netns, options: &[&str], clock: &Clock) -> Drainit {
+    let listen = format!("0.0.0.0:{APP_PORT}");
+    let app = [
+        "--listen",
+        &listen,
+        "--listen-after",
+        LISTEN_AFTER_MS,
+        "--name",
+        server,
+    ];
+    Drainit::builder()
+        .name(&format!("drainit({server})"))
+        .in_netns(netns)
+        .health(format!("0.0.0.0:{HEALTH_PORT}"))
+        .drain_delay(DRAIN_DELAY)
+        .grace_period("10s")
+        .options(options)
+        .app(demo(&app))
+        .timeline(clock, timeline_event)
+        .start()
 }
 
 /// What goes into the timeline: the app's start and drainit's readiness and drain steps.
@@ -296,15 +282,11 @@ fn timeline_event(line: &str) -> Option<String> {
         return Some(line.to_owned());
     }
     let log: serde_json::Value = serde_json::from_str(line).ok()?;
-    let message = log["fields"]["message"]
-        .as_str()
-        .or_else(|| log["message"].as_str())?;
-    let keep = ["lifecycle transition", "app check passes", "drain started"];
-    keep.iter().any(|k| message.starts_with(k)).then(|| {
-        let from = log["fields"]["from"].as_str().unwrap_or("");
-        let to = log["fields"]["to"].as_str().unwrap_or("");
-        format!("{message} {from} {to}").trim_end().to_owned()
-    })
+    match log["event"].as_str()? {
+        "phase_changed" => Some(format!("phase_changed {} {}", log["from"], log["to"])),
+        event @ ("app_check_passed" | "drain_started") => Some(event.to_owned()),
+        _ => None,
+    }
 }
 
 fn outputs(replicas: &[Replica]) -> String {

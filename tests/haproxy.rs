@@ -12,7 +12,7 @@
 //! HAProxy is not optional: CI installs it (`apt-get install haproxy`), and a test that skipped
 //! itself without it would be a test that cannot fail.
 
-mod lb;
+mod common;
 
 use std::net::SocketAddr;
 use std::process::Command;
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 
-use lb::{
-    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Proc, SLOW,
-    demo_app_bin, drainit_bin, free_ports, opt_ms, unique_control,
+use common::{
+    Arrivals, Backend, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Proc,
+    SLOW, demo, demo_app_bin, free_ports, opt_ms,
 };
 
 /// Long enough for HAProxy to see two failed checks 500 ms apart, with room for a busy machine.
@@ -149,7 +149,7 @@ struct Step {
 }
 
 fn rolling_restart(mode: Mode) -> Outcome {
-    lb::haproxy_bin();
+    common::haproxy_bin();
     let clock = Clock::new();
     let label = mode.label();
 
@@ -386,63 +386,41 @@ struct Ports {
 /// Starts one replica and waits until its app listens (and, with drainit, its probe server).
 fn start_replica(mode: Mode, ports: &Ports, clock: &Clock) -> Proc {
     let listen = format!("127.0.0.1:{}", ports.app);
-    let app_args = [
-        "--listen".to_owned(),
-        listen.clone(),
-        "--name".to_owned(),
-        ports.server.to_owned(),
-    ];
-    let (name, mut command) = match mode {
+    let app_args = ["--listen", &listen, "--name", ports.server];
+    let proc = match mode {
         Mode::Drainit => {
-            let mut command = Command::new(drainit_bin());
-            command
-                .arg("--health-listen")
-                .arg(format!("127.0.0.1:{}", ports.health))
-                .arg("--control")
-                .arg(unique_control(ports.server))
-                .args(["--log-format", "json"])
-                .args(["--drain-delay", DRAIN_DELAY])
-                .args(["--grace-period", GRACE_PERIOD])
-                .arg("--")
-                .arg(demo_app_bin())
-                .args(&app_args);
-            (format!("drainit({})", ports.server), command)
+            let drainit = Drainit::builder()
+                .name(&format!("drainit({})", ports.server))
+                .health(format!("127.0.0.1:{}", ports.health))
+                .drain_delay(DRAIN_DELAY)
+                .grace_period(GRACE_PERIOD)
+                .app(demo(&app_args))
+                .start();
+            let probe = format!("127.0.0.1:{}", ports.health);
+            let listening = drainit.event("probe_server_listening");
+            assert_eq!(
+                listening["addr"], probe,
+                "probe server on the wrong address"
+            );
+            drainit.proc
         }
         Mode::Bare => {
             let mut command = Command::new(demo_app_bin());
-            command.args(&app_args);
-            (format!("demo_app({})", ports.server), command)
+            command.args(app_args);
+            Proc::spawn(&format!("demo_app({})", ports.server), &mut command, None)
         }
     };
-    let proc = Proc::spawn(&name, &mut command, None);
     let timeout = Duration::from_secs(10);
     if proc
         .wait_line(timeout, |l| l == format!("demo-app: listening on {listen}"))
         .is_none()
     {
         panic!(
-            "{name}: the app did not report listening on {listen} within {timeout:?}:\n{}",
+            "{}: the app did not report listening on {listen} within {timeout:?}:\n{}",
+            proc.name,
             proc.output()
         );
     }
-    if mode == Mode::Drainit {
-        let probe = format!("127.0.0.1:{}", ports.health);
-        let line = proc
-            .wait_line(timeout, |l| l.contains("probe server listening"))
-            .unwrap_or_else(|| {
-                panic!(
-                    "{name}: no 'probe server listening' log:\n{}",
-                    proc.output()
-                )
-            });
-        let log: serde_json::Value = serde_json::from_str(&line)
-            .unwrap_or_else(|e| panic!("{name}: log line is not JSON ({e}): {line}"));
-        let addr = log["fields"]["addr"]
-            .as_str()
-            .or_else(|| log["addr"].as_str())
-            .unwrap_or_else(|| panic!("{name}: no addr in {line}"));
-        assert_eq!(addr, probe, "{name}: probe server on the wrong address");
-    }
-    clock.event(format!("{} started (pid {})", name, proc.pid()));
+    clock.event(format!("{} started (pid {})", proc.name, proc.pid()));
     proc
 }

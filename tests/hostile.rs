@@ -3,22 +3,19 @@
 //! are answered to a separate client. Timing bars (10 ms per probe) are printed by the benchmark.
 
 mod common;
-#[path = "common/hostile.rs"]
-mod hostile_clients;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Checker, Drainit, http_request, json};
-use hostile_clients::{
-    Crowd, Hostile, POLLED_GRACE, distinct_user_agents, kubelet_probes, resident_kb,
+use common::hostile::{Crowd, Hostile, POLLED_GRACE, distinct_user_agents, kubelet_probes};
+use common::{
+    Checker, Drainit, first_child, get_request, http_request, json, refused_with, resident_kb,
 };
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
@@ -77,32 +74,21 @@ fn probed_demo(options: &[&str]) -> (Drainit, u64) {
     for _ in 0..50 {
         assert_eq!(kubelet_probe(drainit.health, "/ready").0, 200);
     }
+    // Memory settles after the warm-up before the baseline is read (a measurement, no event).
     thread::sleep(MS(200));
     let start = rss_kb(drainit.pid().as_raw());
     (drainit, start)
 }
 
 fn kubelet_probe(addr: SocketAddr, path: &str) -> (u16, String) {
-    http_request(
-        addr,
-        &format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n"
-        ),
-    )
+    http_request(addr, &get_request(path, "kube-probe/1.31"))
 }
 
 /// Sends `request` and reads the status code, if the server answered one.
-fn try_request(addr: SocketAddr, request: &[u8]) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&addr, SECS(2)).ok()?;
-    stream.set_read_timeout(Some(SECS(5))).ok()?;
-    let _ = stream.write_all(request);
-    let mut response = Vec::new();
-    let _ = stream.read_to_end(&mut response);
-    String::from_utf8_lossy(&response)
-        .split_whitespace()
-        .nth(1)?
-        .parse()
+fn try_request(addr: SocketAddr, request: &str) -> Option<u16> {
+    common::try_request(addr, request, SECS(5))
         .ok()
+        .map(|(code, _)| code)
 }
 
 /// Runs `work(i)` for `0..n` on `threads` threads.
@@ -138,7 +124,7 @@ fn huge_user_agents(health: SocketAddr) -> u64 {
     in_parallel(8, 2000, move |_| {
         let agent = "a".repeat(100 * 1024);
         let request = format!("GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\n\r\n");
-        if try_request(health, request.as_bytes()) == Some(431) {
+        if try_request(health, &request) == Some(431) {
             counted.fetch_add(1, Ordering::Relaxed);
         }
     });
@@ -180,6 +166,7 @@ fn huge_user_agents_and_unterminated_headers_get_431_and_leave_no_memory_behind(
         200,
         "PID 1 still answers"
     );
+    // The peak is sampled (every 5 ms) while the connections are held.
     thread::sleep(MS(300));
     let peak = watch.peak();
     drop(held);
@@ -249,7 +236,7 @@ fn many_distinct_user_agents_keep_the_checker_table_and_status_small() {
 fn the_budget_kill_is_on_time_while_clients_poll_status_with_a_full_checker_table() {
     // Measured before: with 100,000 checkers and 2 clients polling /status, the kill came
     // 1,157 ms late. The precise bar (300 ms) is the benchmark's.
-    let run = hostile_clients::budget_kill_while_status_is_polled();
+    let run = common::hostile::budget_kill_while_status_is_polled();
     let due = POLLED_GRACE - SECS(1);
     eprintln!(
         "budget kill {:?} after SIGTERM ({:?} from grace - 1 s), {} checkers, {} renders",
@@ -280,6 +267,7 @@ fn two_thousand_idle_and_slow_connections_never_keep_the_kubelet_out() {
         Crowd::hold(Hostile::Slowloris, 600, health),
         Crowd::hold(Hostile::Unterminated, 600, health),
     ];
+    // The crowd holds its connections a second before the kubelet probes (a measured load).
     thread::sleep(SECS(1));
     let results = kubelet_probes(health, SECS(4));
     let opened: u64 = crowds.into_iter().map(Crowd::stop).sum();
@@ -311,10 +299,10 @@ fn kubelet_ready(drainit: &Drainit) -> bool {
 }
 
 fn stranger(drainit: &Drainit, agent: &str) {
-    let request = format!(
-        "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+    assert_eq!(
+        http_request(drainit.health, &get_request("/ready", agent)).0,
+        200
     );
-    assert_eq!(http_request(drainit.health, &request).0, 200);
 }
 
 #[test]
@@ -325,10 +313,14 @@ fn strangers_neither_open_nor_hold_the_start_up_gate() {
     );
     // Measured before: two requests from anyone opened the gate at 0.5 s.
     stranger(&drainit, "x");
+    // A stranger's pace: twice, 300 ms apart, as a checker would.
     thread::sleep(MS(300));
     stranger(&drainit, "x");
     stranger(&drainit, "y");
-    thread::sleep(MS(300));
+    drainit.wait_status(SECS(5), "the strangers are not listed", |s| {
+        common::checker(s, "x").is_some_and(|c| c["probes"].as_u64() >= Some(2))
+            && common::checker(s, "y").is_some()
+    });
     assert!(!kubelet_ready(&drainit), "the gate opened for strangers");
     // Measured before: a fresh User-Agent every 20 s held the gate to its timeout. Here one
     // every 100 ms, while a real load balancer checks every 200 ms.
@@ -337,10 +329,7 @@ fn strangers_neither_open_nor_hold_the_start_up_gate() {
     let fresh = thread::spawn(move || {
         let mut i = 0;
         while flag.load(Ordering::Relaxed) {
-            let request = format!(
-                "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: fresh-{i}\r\nConnection: close\r\n\r\n"
-            );
-            http_request(health, &request);
+            http_request(health, &get_request("/ready", &format!("fresh-{i}")));
             i += 1;
             thread::sleep(MS(100));
         }
@@ -362,19 +351,17 @@ fn strangers_neither_open_nor_hold_the_start_up_gate() {
 
 #[test]
 fn lb_source_must_be_address_ranges_where_load_balancers_count() {
-    let refused = |args: &[&str]| {
-        let output = Command::new(common::drainit_bin())
-            .args(args)
-            .args(["--", "true"])
-            .output()
-            .unwrap();
-        assert_eq!(output.status.code(), Some(2), "{args:?}");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    let bad = refused(&["--drain-watch", "lb-probes", "--lb-source", "10.0.0.0/33"]);
-    assert!(bad.contains("10.0.0.0/33"), "{bad}");
-    let stray = refused(&["--lb-source", "10.0.0.0/8"]);
-    assert!(stray.contains("--lb-source only applies to"), "{stray}");
+    let bad = [
+        "--drain-watch",
+        "lb-probes",
+        "--lb-source",
+        "10.0.0.0/33",
+        "--",
+        "true",
+    ];
+    refused_with(&bad, &[], 2, "10.0.0.0/33");
+    let stray = ["--lb-source", "10.0.0.0/8", "--", "true"];
+    refused_with(&stray, &[], 2, "--lb-source only applies to");
 }
 
 /// Connects to `port` on the loopback of `pid`'s network namespace as fast as it can (each
@@ -405,21 +392,18 @@ fn flood_from_inside(pid: i32, port: u16, running: Arc<AtomicBool>) -> thread::J
 #[test]
 fn a_flood_of_connections_to_the_probe_port_is_not_app_traffic() {
     // A network namespace of its own, as a pod has: the kernel's counters are its alone.
-    let mut unshare = Command::new("unshare");
-    unshare
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$@\"",
-            "sh",
-        ])
-        .arg(common::drainit_bin());
-    let app = common::demo_app_bin();
-    let mut drainit = Drainit::start_with(
-        unshare,
-        &[
+    let own_netns = [
+        "unshare",
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ];
+    let mut drainit = Drainit::builder()
+        .under(&own_netns)
+        .options(&[
             "--drain-watch",
             "traffic",
             "--quiet-period",
@@ -430,22 +414,22 @@ fn a_flood_of_connections_to_the_probe_port_is_not_app_traffic() {
             "8s",
             "--grace-period",
             "12s",
-        ],
-        &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-    );
-    drainit.app_line("demo-app: listening on");
+        ])
+        .app(common::demo(&[]))
+        .start_serving();
     let running = Arc::new(AtomicBool::new(true));
     let flood = flood_from_inside(
         drainit.pid().as_raw(),
         drainit.health.port(),
         running.clone(),
     );
+    // The flood runs 2 s before the drain, as in the issue.
     thread::sleep(SECS(2));
     // Measured before: the drain was held to its cap.
     let drained_after = drainit.drain_time();
     running.store(false, Ordering::Relaxed);
     let made = flood.join().unwrap();
-    let over = drainit.log("drain over");
+    let over = drainit.event("drain_over");
     eprintln!("{made} connections to the probe port; drain {drained_after:?}: {over}");
     assert!(made > 3000, "the flood ran: {made} connections");
     assert_eq!(over["reason"], "watchers report drained", "{over}");
@@ -539,36 +523,15 @@ impl Drop for MemoryCgroup {
 /// drainit as PID 1 of a new PID namespace (as in a container) inside `cgroup`: the shell
 /// joins the cgroup, then becomes unshare, whose child is drainit.
 fn as_pid1_in(cgroup: &MemoryCgroup) -> Drainit {
-    let mut wrapper = Command::new("sh");
     let procs = cgroup.file("cgroup.procs");
-    wrapper
-        .arg("-c")
-        .arg(format!(
-            "echo $$ > {} && exec unshare --pid --fork --mount-proc \"$@\"",
-            procs.display()
-        ))
-        .arg("sh")
-        .arg(common::drainit_bin());
-    let app = common::demo_app_bin();
-    let mut drainit = Drainit::start_with(
-        wrapper,
-        &[],
-        &[app.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+    let join = format!(
+        "echo $$ > {} && exec unshare --pid --fork --mount-proc \"$@\"",
+        procs.display()
     );
-    drainit.app_line("demo-app: listening on");
-    drainit.wait_ready();
-    drainit
-}
-
-/// The first child of `pid` (host pids).
-fn first_child(pid: i32) -> i32 {
-    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .expect("no child")
-        .parse()
-        .unwrap()
+    Drainit::builder()
+        .under(&["sh", "-c", &join, "sh"])
+        .app(common::demo(&[]))
+        .start_serving()
 }
 
 #[test]
@@ -578,8 +541,8 @@ fn as_pid1_in_a_128_mib_memory_cgroup_it_survives_the_memory_attacks() {
         return;
     };
     let mut unshare = as_pid1_in(&cgroup);
-    let init = first_child(unshare.pid().as_raw());
-    let app = first_child(init);
+    let init = first_child(unshare.pid().as_raw()).expect("unshare has no child");
+    let app = first_child(init).expect("drainit has no child");
     assert!(cgroup.pids().contains(&init), "drainit is in the cgroup");
     let health = unshare.health;
     // Measured before, in a 128 MiB cgroup: 200 KB User-Agents, or 400 connections of

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::thread;
 use std::time::Duration;
 
-use common::{Checker, Drainit, http_request, json};
+use common::{Checker, Drainit, evidence, get_request, http_request};
 use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -28,10 +27,11 @@ fn watching_lb_probes(min: &str, max: &str, grace_period: &str, options: &[&str]
     Drainit::demo(&all, &[])
 }
 
-fn evidence(drainit: &mut Drainit) -> (String, serde_json::Value) {
-    let over = drainit.log("drain over");
+/// Why the drain ended, and what it saw.
+fn drain_over(drainit: &Drainit) -> (String, serde_json::Value) {
+    let over = drainit.event("drain_over");
     let reason = over["reason"].as_str().unwrap().to_owned();
-    (reason, json(over["evidence"].as_str().unwrap()))
+    (reason, evidence(&over))
 }
 
 #[test]
@@ -44,11 +44,11 @@ fn the_drain_ends_once_every_load_balancer_saw_two_503s_and_the_kubelet_does_not
         Duration::from_millis(300),
         false,
     );
-    thread::sleep(Duration::from_millis(800));
+    drainit.wait_checker("HAProxy");
     let drained_after = drainit.drain_time();
     // Two 503s 200 ms apart: about 0.4 s; the 20 s cap would mean the watcher never decided.
     assert!(drained_after < SECS(3), "drain took {drained_after:?}");
-    let (reason, evidence) = evidence(&mut drainit);
+    let (reason, evidence) = drain_over(&drainit);
     assert_eq!(reason, "watchers report drained");
     assert_eq!(
         evidence["load_balancers"], 1,
@@ -85,12 +85,13 @@ fn a_load_balancer_that_stops_checking_counts_as_drained() {
         Duration::from_millis(250),
         true,
     );
-    thread::sleep(Duration::from_millis(1000));
+    drainit.wait_checker("ELB-HealthChecker/2.0");
     let drained_after = drainit.drain_time();
-    assert!(
-        drained_after >= Duration::from_millis(400) && drained_after < SECS(4),
-        "drain took {drained_after:?}"
-    );
+    // Drained because it stopped, long before it could have seen five 503s.
+    assert!(drained_after < SECS(4), "drain took {drained_after:?}");
+    let (reason, evidence) = drain_over(&drainit);
+    assert_eq!(reason, "watchers report drained", "{evidence}");
+    assert_eq!(evidence["load_balancers"], 1, "{evidence}");
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
 
@@ -98,14 +99,20 @@ fn a_load_balancer_that_stops_checking_counts_as_drained() {
 fn a_slow_checker_holds_the_drain_until_its_second_503() {
     // Checking every 0.9 s, it cannot have seen two 503s sooner than 0.9 s after SIGTERM.
     let mut drainit = watching_lb_probes("0", "2s", "5s", &[]);
-    let _slow = Checker::start(&drainit, "HAProxy", Duration::from_millis(900), false);
-    thread::sleep(Duration::from_millis(2000));
-    let drained_after = drainit.drain_time();
-    // Its second 503 comes 0.9-1.8 s after SIGTERM: never before 0.9 s.
-    assert!(
-        drained_after >= Duration::from_millis(900),
-        "ended after {drained_after:?}"
-    );
+    let slow = Checker::start(&drainit, "HAProxy", Duration::from_millis(900), false);
+    drainit.wait_checker("HAProxy");
+    drainit.signal(Signal::SIGTERM);
+    let stop = drainit.app_line("demo-app: signal TERM");
+    // The drain ended after the checker was sent its second 503 (or, on a machine too slow for
+    // that within 2 s, at its cap), never before.
+    let (reason, evidence) = drain_over(&drainit);
+    if !reason.contains("--drain-max") {
+        let second = slow.nth_answer_sent(503, 2);
+        assert!(
+            second.is_some_and(|second| stop.at > second),
+            "the drain ended before the checker's second 503: {reason}: {evidence}"
+        );
+    }
     assert_eq!(drainit.exit_code(SECS(5)), 0);
 }
 
@@ -123,23 +130,12 @@ fn status_shows_each_checker_and_the_policy() {
         &[],
     );
     let _lb = Checker::start(&drainit, "HAProxy", Duration::from_millis(100), false);
-    thread::sleep(Duration::from_millis(500));
-    let status = || {
-        let (code, response) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
-        assert_eq!(code, 200);
-        json(response.split("\r\n\r\n").nth(1).unwrap().trim())
-    };
-    let ports_found = common::time_until(SECS(5), || {
-        status()["traffic"]["ports"]
+    drainit.wait_checker("HAProxy");
+    let status = drainit.wait_status(SECS(5), "the app's port was never discovered", |s| {
+        s["traffic"]["ports"]
             .as_array()
             .is_some_and(|p| !p.is_empty())
     });
-    assert!(
-        ports_found.is_some(),
-        "the app's port was never discovered: {}",
-        status()
-    );
-    let status = status();
     assert_eq!(status["phase"], "ready");
     assert_eq!(
         status["drain_policy"]["watch"],
@@ -160,9 +156,9 @@ fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
     let options = ["--lb-unhealthy-threshold", "100"];
     let mut drainit = watching_lb_probes("200ms", "2s", "10s", &options);
     let _lb = Checker::start(&drainit, "NLB-probe", Duration::from_millis(200), false);
-    thread::sleep(Duration::from_millis(1000));
+    drainit.wait_checker("NLB-probe");
     drainit.signal(Signal::SIGTERM);
-    let (reason, evidence) = evidence(&mut drainit);
+    let (reason, evidence) = drain_over(&drainit);
     assert!(reason.contains("--drain-max"), "{reason}: {evidence}");
     assert_eq!(
         evidence["lb_checkers_pending"],
@@ -177,14 +173,16 @@ fn a_drain_held_to_its_cap_names_the_checker_that_held_it() {
 fn a_one_off_request_does_not_hold_the_drain() {
     let mut drainit = watching_lb_probes("200ms", "20s", "25s", &[]);
     for agent in ["x", "NLB-probe"] {
-        let request = format!(
-            "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\nConnection: close\r\n\r\n"
+        assert_eq!(
+            http_request(drainit.health, &get_request("/ready", agent)).0,
+            200
         );
-        assert_eq!(http_request(drainit.health, &request).0, 200);
-        thread::sleep(Duration::from_millis(500));
+        drainit.wait_status(SECS(5), &format!("{agent} not listed"), |s| {
+            common::checker(s, agent).is_some()
+        });
     }
     let drained_after = drainit.drain_time();
-    let (reason, evidence) = evidence(&mut drainit);
+    let (reason, evidence) = drain_over(&drainit);
     assert!(
         drained_after < SECS(3),
         "drain took {drained_after:?}: {evidence}"
@@ -205,10 +203,12 @@ fn only_checkers_from_lb_source_count() {
         "10.0.0.0/8,fd00::/8",
     ];
     let mut drainit = watching_lb_probes("200ms", "10s", "15s", &options);
-    let _outsider = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
-    thread::sleep(Duration::from_millis(1000));
+    let outsider = Checker::start(&drainit, "HAProxy", Duration::from_millis(200), false);
+    // drainit does not even list it: wait until it has checked steadily, five times.
+    let checked = common::time_until(SECS(5), || outsider.answered(200) >= 5);
+    assert!(checked.is_some(), "the outsider's checks were not answered");
     let drained_after = drainit.drain_time();
-    let (reason, evidence) = evidence(&mut drainit);
+    let (reason, evidence) = drain_over(&drainit);
     assert!(
         drained_after < SECS(3),
         "drain took {drained_after:?}: {reason}"

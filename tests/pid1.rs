@@ -3,33 +3,26 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::{Drainit, demo_app_bin, drainit_bin, is_running, time_until};
+use common::{Drainit, command, demo, first_child, is_running, parent_of, time_until};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// drainit as PID 1 of a new PID namespace, as in a container.
-fn as_pid1(options: &[&str], command: &[&str]) -> Drainit {
-    let mut unshare = Command::new("unshare");
-    unshare
-        .args(["--pid", "--fork", "--mount-proc"])
-        .arg(drainit_bin());
-    Drainit::start_with(unshare, options, command)
+fn as_pid1(options: &[&str], app: common::App) -> Drainit {
+    Drainit::builder()
+        .under(&["unshare", "--pid", "--fork", "--mount-proc"])
+        .options(options)
+        .app(app)
+        .start()
 }
 
 /// The host pid of the namespace's PID 1: unshare does not forward signals, so tests signal it.
 fn namespace_init(unshare: &Drainit) -> Pid {
-    let pid = unshare.pid();
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
-    let init = children
-        .split_whitespace()
-        .next()
-        .expect("unshare has no child");
-    Pid::from_raw(init.parse().unwrap())
+    Pid::from_raw(first_child(unshare.pid().as_raw()).expect("unshare has no child"))
 }
 
 #[test]
@@ -38,51 +31,35 @@ fn as_pid1_it_reaps_every_orphan() {
 sleep 1
 echo "parent=$PPID zombies=$(cat /proc/[0-9]*/stat 2>/dev/null | awk '$3 == "Z"' | wc -l)"
 exit 3"#;
-    let mut drainit = as_pid1(&[], &["sh", "-c", script]);
+    let mut drainit = as_pid1(&[], command(&["sh", "-c", script]));
     let report = drainit.app_line("parent=");
     assert_eq!(
         report.text, "parent=1 zombies=0",
         "drainit must be PID 1 and leave no zombie"
     );
     assert_eq!(drainit.exit_code(SECS(5)), 3);
-    let exited = drainit.log("app exited");
+    let exited = drainit.event("app_exited");
     assert!(exited["orphans_reaped"].as_u64().unwrap() >= 10, "{exited}");
 }
 
 #[test]
 fn as_pid1_sigterm_drains_and_the_exit_code_comes_out() {
-    let app = demo_app_bin();
-    let mut drainit = as_pid1(
-        &["--drain-delay", "500ms"],
-        &[
-            app.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--exit-code",
-            "5",
-        ],
-    );
+    let mut drainit = as_pid1(&["--drain-delay", "500ms"], demo(&["--exit-code", "5"]));
     drainit.app_line("demo-app: listening on");
     drainit.wait_ready();
     assert_eq!(drainit.get("/ready").0, 200);
     kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
-    assert!(time_until(SECS(1), || drainit.get("/ready").0 == 503).is_some());
+    drainit.event("drain_started");
+    assert_eq!(drainit.get("/ready").0, 503);
     drainit.app_line("demo-app: signal TERM");
     assert_eq!(drainit.exit_code(SECS(5)), 5);
 }
 
 #[test]
 fn as_pid1_the_budget_kill_takes_the_whole_group() {
-    let app = demo_app_bin();
     let mut drainit = as_pid1(
         &["--drain-delay", "200ms", "--grace-period", "2200ms"],
-        &[
-            app.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--ignore-term",
-            "--spawn-grandchild",
-        ],
+        demo(&["--ignore-term", "--spawn-grandchild"]),
     );
     drainit.app_line("demo-app: grandchild pid");
     kill(namespace_init(&drainit), Signal::SIGTERM).unwrap();
@@ -97,17 +74,8 @@ sleep 30"#;
     let orphan: i32 = drainit.app_line("orphan=").text["orphan=".len()..]
         .parse()
         .unwrap();
-    let parent_of = |pid: i32| -> Option<i32> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        stat.rsplit(") ")
-            .next()?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
-    };
     assert!(
-        time_until(SECS(1), || parent_of(orphan)
+        time_until(SECS(5), || parent_of(orphan)
             == Some(drainit.pid().as_raw()))
         .is_some(),
         "the orphan was not reparented to drainit (parent {:?})",
@@ -132,19 +100,22 @@ fn a_blocked_signal_mask_does_not_stop_drainit_and_its_descriptors_stay_its_own(
     use nix::sys::signal::SigSet;
     use std::os::unix::process::CommandExt;
 
-    let mut blocked = Command::new(drainit_bin());
-    // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe.
-    unsafe {
-        blocked.pre_exec(|| {
-            let mut set = SigSet::empty();
-            set.add(Signal::SIGTERM);
-            set.add(Signal::SIGCHLD);
-            set.thread_block().map_err(std::io::Error::from)
-        });
-    }
     let app = "echo fds: $(ls -l /proc/self/fd | grep -c -e socket: -e anon_inode:); \
                exec sleep 30";
-    let mut drainit = Drainit::start_with(blocked, &["--drain-delay", "0"], &["sh", "-c", app]);
+    let mut drainit = Drainit::builder()
+        .drain_delay("0")
+        .app(command(&["sh", "-c", app]))
+        .spawn_adjusted(|blocked| {
+            // SAFETY: runs in the forked child before exec; sigprocmask is async-signal-safe.
+            unsafe {
+                blocked.pre_exec(|| {
+                    let mut set = SigSet::empty();
+                    set.add(Signal::SIGTERM);
+                    set.add(Signal::SIGCHLD);
+                    set.thread_block().map_err(std::io::Error::from)
+                });
+            }
+        });
     // drainit's own descriptors (probe and control sockets, netlink, epoll, the signal pipe) are
     // sockets or anonymous inodes; what the test itself passes down is neither.
     let fds = drainit.app_line("fds:");
@@ -178,7 +149,7 @@ fn not_pid1_a_daemon_that_left_the_apps_group_dies_with_the_app() {
         time_until(SECS(2), || !is_running(daemon)).is_some(),
         "daemon {daemon} outlived drainit"
     );
-    drainit.log("the app left processes behind: killed them");
+    drainit.event("leftovers_killed");
 }
 
 /// Signals that the app below ignores, so a storm of them changes nothing but drainit's load.
@@ -190,22 +161,6 @@ const STORM: [Signal; 5] = [
     Signal::SIGURG,
 ];
 
-/// The children of `pid` that have exited and wait to be reaped.
-fn zombie_children(pid: Pid) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| std::fs::read_to_string(entry.path().join("stat")).ok())
-        .filter(|stat| {
-            let mut fields = stat.rsplit(") ").next().unwrap_or("").split_whitespace();
-            let (state, ppid) = (fields.next(), fields.next());
-            state == Some("Z") && ppid == Some(&pid.as_raw().to_string())
-        })
-        .count()
-}
-
 #[test]
 fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
     // The app ignores its stop signal and leaves an orphan every 10 ms for PID 1 to reap.
@@ -213,7 +168,7 @@ fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
                while :; do (sleep 0.02 &); sleep 0.01; done";
     let mut drainit = as_pid1(
         &["--drain-delay", "0", "--grace-period", "3s"],
-        &["sh", "-c", app],
+        command(&["sh", "-c", app]),
     );
     // A signal before the traps are set would end the app, and the test.
     drainit.app_line("trapped");
@@ -226,9 +181,11 @@ fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
         kill(init, *signal).unwrap();
         std::thread::sleep(Duration::from_micros(100));
     }
-    std::thread::sleep(Duration::from_millis(500));
     assert!(
-        drainit.metric("drainit_log_lines_dropped_total") > 0.0,
+        time_until(SECS(5), || drainit
+            .metric("drainit_log_lines_dropped_total")
+            > 0.0)
+        .is_some(),
         "no log line was dropped: stderr was never stuck, the test proves nothing"
     );
     for _ in 0..3 {
@@ -239,8 +196,9 @@ fn as_pid1_a_stuck_stderr_and_a_signal_storm_stall_nothing() {
             "/alive took {:?}",
             asked.elapsed()
         );
-        let zombies = zombie_children(init);
+        let zombies = common::procfs::zombie_children(init.as_raw());
         assert!(zombies < 25, "{zombies} zombies: PID 1 stopped reaping");
+        // Samples spread over a second of the storm's aftermath.
         std::thread::sleep(Duration::from_millis(300));
     }
     kill(init, Signal::SIGTERM).unwrap();
@@ -284,18 +242,21 @@ fn marked_processes(mark: &str) -> Vec<i32> {
 fn not_pid1_a_daemon_that_keeps_forking_cannot_outrun_the_cleanup() {
     let mark = format!("DRAINIT_TEST_MARK=forker-{}", std::process::id());
     let (name, value) = mark.split_once('=').unwrap();
-    let mut cmd = Command::new(drainit_bin());
-    cmd.env(name, value);
+
     // Daemons that leave the app's group and fork without pause; each child leaves an orphan.
     let script = "for i in 1 2 3 4; do setsid sh -c 'while :; do (sleep 10 &); done' & done
                   sleep 0.5; exit 3";
-    let mut drainit = Drainit::start_with(cmd, &[], &["sh", "-c", script]);
+    let mut drainit = Drainit::builder()
+        .env(name, value)
+        .app(command(&["sh", "-c", script]))
+        .start();
     assert_eq!(drainit.exit_code(SECS(10)), 3);
-    std::thread::sleep(Duration::from_millis(200));
+    // SIGKILLed processes take a moment to be gone.
+    time_until(SECS(2), || marked_processes(&mark).is_empty());
     let left = marked_processes(&mark);
     for pid in &left {
         let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
     }
     assert!(left.is_empty(), "{} processes outlived drainit", left.len());
-    drainit.log("the app left processes behind: killed them");
+    drainit.event("leftovers_killed");
 }

@@ -5,13 +5,12 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{Checker, Drainit, http_request, time_until};
+use common::{Checker, Drainit, command, get_request, http_request, time_until};
 use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -22,6 +21,8 @@ const MS: fn(u64) -> Duration = Duration::from_millis;
 struct HealthServer {
     addr: SocketAddr,
     healthy: Arc<AtomicBool>,
+    /// Connections accepted so far: checks made (or, hanging, in flight).
+    checks: Arc<AtomicUsize>,
 }
 
 impl HealthServer {
@@ -29,10 +30,12 @@ impl HealthServer {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let flag = Arc::new(AtomicBool::new(healthy));
-        let state = flag.clone();
+        let checks = Arc::new(AtomicUsize::new(0));
+        let (state, count) = (flag.clone(), checks.clone());
         thread::spawn(move || {
             let mut held = Vec::new();
             for mut conn in listener.incoming().map_while(Result::ok) {
+                count.fetch_add(1, Ordering::Relaxed);
                 if hang {
                     held.push(conn);
                     continue;
@@ -53,6 +56,7 @@ impl HealthServer {
         Self {
             addr,
             healthy: flag,
+            checks,
         }
     }
 
@@ -62,19 +66,15 @@ impl HealthServer {
 }
 
 /// drainit in a new namespace of `kind` (`--net`, `--mount`), once `setup` has run there.
-fn in_new_namespace(kind: &str, setup: &str) -> Command {
-    let mut unshare = Command::new("unshare");
-    unshare
-        .args([
-            kind,
-            "--",
-            "sh",
-            "-c",
-            &format!("{setup} && exec \"$@\""),
-            "sh",
-        ])
-        .arg(common::drainit_bin());
-    unshare
+/// drainit in a new namespace of `kind`, set up by `setup` first.
+fn in_new_namespace(kind: &str, setup: &str) -> common::Builder {
+    let setup = format!("{setup} && exec \"$@\"");
+    Drainit::builder().under(&["unshare", kind, "--", "sh", "-c", &setup, "sh"])
+}
+
+/// A kubelet's `/ready` probe.
+fn kubelet(drainit: &Drainit) -> u16 {
+    http_request(drainit.health, &get_request("/ready", "kube-probe/1.31")).0
 }
 
 fn ready(drainit: &Drainit) -> u16 {
@@ -94,7 +94,7 @@ fn an_app_that_becomes_ready_late_is_not_ready_until_then() {
         &["--ready-tcp", &target, "--ready-interval", "200ms"],
         &["sleep", "30"],
     );
-    thread::sleep(MS(800));
+    drainit.event("app_not_ready_yet");
     assert_eq!(ready(&drainit), 503, "not ready before the app listens");
     assert_eq!(drainit.get("/alive").0, 200);
     let listener = TcpListener::bind(&target).unwrap();
@@ -103,7 +103,7 @@ fn an_app_that_becomes_ready_late_is_not_ready_until_then() {
         became_ready.is_some_and(|t| t < SECS(1)),
         "ready {became_ready:?} after the app listened"
     );
-    drainit.log("app check passes");
+    drainit.event("app_check_passed");
     drop(listener);
     drainit.signal(Signal::SIGINT);
     drainit.wait(SECS(5));
@@ -126,7 +126,7 @@ fn a_flapping_app_check_takes_the_pod_out_and_back_in() {
         time_until(SECS(3), || ready(&drainit) == 503).is_some(),
         "still ready with a failing check"
     );
-    drainit.log("app check fails");
+    drainit.event("app_check_failed");
     let (_, status) = http_request(drainit.health, "GET /status HTTP/1.0\r\n\r\n");
     assert!(status.contains(r#""phase":"unready""#), "{status}");
     assert!(
@@ -157,7 +157,8 @@ fn a_hanging_app_check_never_slows_a_probe() {
         ],
         &["sleep", "30"],
     );
-    thread::sleep(MS(500));
+    // A check hangs from here on.
+    assert!(time_until(SECS(5), || server.checks.load(Ordering::Relaxed) > 0).is_some());
     let mut slowest = Duration::ZERO;
     for _ in 0..100 {
         let t = Instant::now();
@@ -168,9 +169,11 @@ fn a_hanging_app_check_never_slows_a_probe() {
         );
         slowest = slowest.max(t.elapsed());
     }
-    // The release numbers are in the timeline report; this bound is for a loaded debug build.
+    // The timing bar is the benchmark's; a probe that waited for the check would take its
+    // 2 s timeout.
+    println!("slowest probe while the check hung: {slowest:?}");
     assert!(
-        slowest < MS(100),
+        slowest < SECS(1),
         "a probe took {slowest:?} while the check hung"
     );
     drainit.signal(Signal::SIGINT);
@@ -185,7 +188,7 @@ fn an_exec_check_runs_without_a_shell_and_leaves_no_zombie() {
         &["--ready-exec", &check, "--ready-interval", "100ms"],
         &["sleep", "30"],
     );
-    thread::sleep(MS(600));
+    drainit.event("app_not_ready_yet");
     assert_eq!(ready(&drainit), 503);
     std::fs::write(&marker, "").unwrap();
     assert!(
@@ -205,11 +208,12 @@ fn an_exec_check_runs_without_a_shell_and_leaves_no_zombie() {
     };
     for _ in 0..10 {
         for check in children() {
-            let gone = time_until(MS(300), || {
+            let gone = time_until(SECS(2), || {
                 !std::path::Path::new(&format!("/proc/{check}")).exists()
             });
             assert!(gone.is_some(), "check process {check} left behind");
         }
+        // Samples spread over a few checks (every 100 ms).
         thread::sleep(MS(50));
     }
     drainit.signal(Signal::SIGINT);
@@ -253,27 +257,23 @@ fn the_start_up_gate_holds_the_kubelet_until_the_load_balancer_saw_the_pod_healt
         ],
         &["sleep", "30"],
     );
-    let kubelet = |d: &Drainit| {
-        http_request(d.health, "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n").0
-    };
     assert_eq!(kubelet(&drainit), 503, "no load balancer has checked yet");
-    let lb_start = Instant::now();
-    let _lb = Checker::start(&drainit, "HAProxy", MS(300), false);
+    let lb = Checker::start(&drainit, "HAProxy", MS(300), false);
     let open = time_until(SECS(5), || kubelet(&drainit) == 200).expect("the gate never opened");
-    // Three 200s, 300 ms apart: the third comes 0.6 s after the first.
-    assert!(
-        lb_start.elapsed() >= MS(550),
-        "opened after {open:?}, before the third healthy check"
-    );
+    println!("the gate opened {open:?} after the load balancer's first check");
+    // Not before the load balancer's third healthy check was sent.
+    let sent = lb.sent();
+    assert!(sent >= 3, "opened after {sent} checks, before the third");
+    drainit.event("gate_opened");
     // Latched: the kubelet's view does not flap with the load balancer's.
-    drop(_lb);
+    drop(lb);
     assert_eq!(kubelet(&drainit), 200);
     drainit.signal(Signal::SIGINT);
 }
 
 #[test]
 fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
-    let mut drainit = Drainit::start(
+    let drainit = Drainit::start(
         &[
             "--ready-after-lb-probes",
             "2",
@@ -284,21 +284,15 @@ fn without_any_load_balancer_the_gate_opens_at_its_timeout_with_a_warning() {
         ],
         &["sleep", "30"],
     );
-    let kubelet = |d: &Drainit| {
-        http_request(d.health, "GET /ready HTTP/1.1\r\nHost: x\r\nUser-Agent: kube-probe/1.31\r\nConnection: close\r\n\r\n").0
-    };
-    let started = Instant::now();
     assert_eq!(kubelet(&drainit), 503);
     assert!(
         time_until(SECS(3), || kubelet(&drainit) == 200).is_some(),
         "the gate never timed out"
     );
-    assert!(
-        started.elapsed() >= MS(900),
-        "opened after {:?}",
-        started.elapsed()
-    );
-    drainit.log("start-up gate timed out");
+    // Opened by its timeout, with the warning, not by a load balancer.
+    let timed_out = drainit.event("gate_timed_out");
+    assert_eq!(timed_out["timeout_ms"], 1000, "{timed_out}");
+    assert_eq!(drainit.count_events("gate_opened"), 0);
     drainit.signal(Signal::SIGINT);
 }
 
@@ -320,12 +314,11 @@ fn a_check_stuck_in_a_dns_lookup_does_not_hold_up_drainits_exit() {
         "--mount",
         &format!("mount --bind {} /etc/resolv.conf", resolv.display()),
     );
-    let mut drainit = Drainit::start_with(
-        unshare,
-        &["--ready-tcp", "app.example:80", "--ready-timeout", "1s"],
-        &["sh", "-c", "sleep 1; exit 5"],
-    );
-    let exited = drainit.log("app exited");
+    let mut drainit = unshare
+        .options(&["--ready-tcp", "app.example:80", "--ready-timeout", "1s"])
+        .app(command(&["sh", "-c", "sleep 1; exit 5"]))
+        .start();
+    let exited = drainit.event("app_exited");
     assert_eq!(exited["code"], 5);
     let started = Instant::now();
     assert_eq!(drainit.exit_code(SECS(20)), 5);
@@ -342,16 +335,13 @@ fn a_pod_that_was_never_ready_is_stopped_without_a_drain() {
     // Its own network namespace: connections of other tests would count as requests to it.
     let unshare = in_new_namespace("--net", "ip link set lo up");
     // Nothing listens on port 1: the app check never passes.
-    let demo = common::demo_app_bin();
-    let mut drainit = Drainit::start_with(
-        unshare,
-        &["--ready-tcp", "127.0.0.1:1", "--drain-delay", "20s"],
-        &[demo.to_str().unwrap(), "--listen", "127.0.0.1:0"],
-    );
-    drainit.app_line("demo-app: listening on");
+    let mut drainit = unshare
+        .options(&["--ready-tcp", "127.0.0.1:1", "--drain-delay", "20s"])
+        .app(common::demo(&[]))
+        .start_serving();
     let drained_after = drainit.drain_time();
     assert!(drained_after < SECS(2), "drained for {drained_after:?}");
-    let over = drainit.log("drain over");
+    let over = drainit.event("drain_over");
     assert_eq!(
         over["reason"],
         "the app was never ready: no load balancer sends it traffic"
@@ -367,7 +357,7 @@ fn an_app_check_still_running_when_the_app_exits_is_not_called_a_leftover() {
     );
     assert_eq!(drainit.exit_code(SECS(5)), 2);
     assert_eq!(
-        drainit.logs.count(|l| l.contains("left processes behind")),
+        drainit.count_events("leftovers_killed") + drainit.count_events("leftovers_survived"),
         0,
         "{}",
         drainit.logs.text()
@@ -389,7 +379,7 @@ fn with_no_option_the_app_is_ready_only_once_it_listens() {
         &[],
         &slow_demo(app, "127.0.0.1:0", &["--listen-after", "1500"]),
     );
-    let waiting = drainit.log("app not ready yet");
+    let waiting = drainit.event("app_not_ready_yet");
     let detail = waiting["detail"].as_str().unwrap_or_default();
     assert!(
         detail.contains("no TCP port yet") && detail.contains("--ready-tcp none"),
@@ -406,7 +396,7 @@ fn with_no_option_the_app_is_ready_only_once_it_listens() {
         "not ready 5 s after the app listened; logs:\n{}",
         drainit.logs.text()
     );
-    let passes = drainit.log("app check passes");
+    let passes = drainit.event("app_check_passed");
     let port = listening.text.rsplit(':').next().unwrap().to_owned();
     assert_eq!(
         passes["detail"].as_str(),
@@ -443,7 +433,7 @@ fn an_app_that_closes_its_listener_is_no_longer_ready() {
         unready_after.is_some_and(|t| t < SECS(2)),
         "/ready {unready_after:?} after the app closed its listener (check interval 200 ms)"
     );
-    let fails = drainit.log("app check fails");
+    let fails = drainit.event("app_check_failed");
     assert!(
         fails["detail"]
             .as_str()
@@ -456,22 +446,23 @@ fn an_app_that_closes_its_listener_is_no_longer_ready() {
 
 #[test]
 fn a_worker_is_ready_with_ready_tcp_none_and_without_it_says_why_it_is_not() {
-    let worker = Drainit::start(&["--ready-tcp", "none"], &["sleep", "30"]);
+    let worker = Drainit::builder()
+        .ready_tcp("none")
+        .app(command(&["sleep", "30"]))
+        .start();
     assert_eq!(ready(&worker), 200, "--ready-tcp none: ready once started");
 
-    let mut stalled = Drainit::start(&[], &["sleep", "30"]);
+    let stalled = Drainit::start(&[], &["sleep", "30"]);
     assert_eq!(ready(&stalled), 503);
     // The reminder comes every 10 s while the pod waits.
-    let reminder = stalled.logs.wait_for(SECS(20), |l| {
-        l.contains("app not ready: /ready answers 503 until the app check passes")
-    });
-    let reminder = reminder.unwrap_or_else(|| {
-        panic!(
-            "no reminder within 20 s; drainit logged:\n{}",
-            stalled.logs.text()
-        )
-    });
-    let log = common::json(&reminder.text);
+    let log = stalled
+        .wait_event("app_not_ready", SECS(20))
+        .unwrap_or_else(|| {
+            panic!(
+                "no reminder within 20 s; drainit logged:\n{}",
+                stalled.logs.text()
+            )
+        });
     assert_eq!(log["level"], "WARN", "{log}");
     assert_eq!(log["check"], "the TCP ports the app's processes listen on");
     assert!(
@@ -493,26 +484,24 @@ fn an_app_port_that_never_listens_keeps_the_pod_unready_and_names_what_does() {
         .to_string();
     let app = common::demo_app_bin();
     let app = app.to_str().unwrap();
-    let mut drainit = Drainit::start(
+    let drainit = Drainit::start(
         &["--app-port", &wrong, "--ready-interval", "200ms"],
         &slow_demo(app, "127.0.0.1:0", &[]),
     );
     let listening = drainit.app_line("demo-app: listening on");
     let port = listening.text.rsplit(':').next().unwrap().to_owned();
-    let waiting = drainit.log("app not ready yet");
+    let waiting = drainit.event("app_not_ready_yet");
     let detail = waiting["detail"].as_str().unwrap_or_default().to_owned();
     assert!(
         detail.starts_with(&format!("nothing listens on --app-port {wrong} yet")),
         "{detail}"
     );
-    thread::sleep(MS(600));
+    // Once a check ran with the app listening, it names what does listen.
+    drainit.wait_status(SECS(5), "the check never named the app's port", |status| {
+        let last = status["app_check"]["last"]["detail"].as_str().unwrap_or("");
+        last.contains("listening in the pod") && (last.contains(&port) || last.contains("more"))
+    });
     assert_eq!(ready(&drainit), 503);
-    let status = drainit.status();
-    let last = status["app_check"]["last"]["detail"].as_str().unwrap_or("");
-    assert!(
-        last.contains("listening in the pod") && (last.contains(&port) || last.contains("more")),
-        "{status}"
-    );
 }
 
 #[test]
@@ -521,19 +510,16 @@ fn an_app_reachable_only_on_loopback_is_not_ready_in_a_pod() {
     let app = app.to_str().unwrap();
     // Probes on every interface, as in a pod; the app on loopback only.
     let all_interfaces = ["--health-listen", "0.0.0.0:0"];
-    let mut unreachable = Drainit::start(&all_interfaces, &slow_demo(app, "127.0.0.1:0", &[]));
+    let unreachable = Drainit::start(&all_interfaces, &slow_demo(app, "127.0.0.1:0", &[]));
     unreachable.app_line("demo-app: listening on");
-    thread::sleep(MS(600));
-    assert_eq!(ready(&unreachable), 503);
-    let status = unreachable.status();
-    assert!(
+    unreachable.wait_status(SECS(5), "the check never said why", |status| {
         status["app_check"]["last"]["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("listens only on loopback")),
-        "{status}"
-    );
+            .is_some_and(|d| d.contains("listens only on loopback"))
+    });
+    assert_eq!(ready(&unreachable), 503);
 
-    let mut reachable = Drainit::start(&all_interfaces, &slow_demo(app, "0.0.0.0:0", &[]));
+    let reachable = Drainit::start(&all_interfaces, &slow_demo(app, "0.0.0.0:0", &[]));
     reachable.wait_ready();
     assert_eq!(ready(&reachable), 200);
 }

@@ -24,29 +24,28 @@
 //! network namespace per replica, is not used. HAProxy is not optional: CI installs it, and a test
 //! that skipped itself would be a test that cannot fail.
 
-mod lb;
+mod common;
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, ExitStatus};
+use std::process::ExitStatus;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use serde_json::Value;
 
-use lb::{
-    Arrivals, Backend, Clock, Haproxy, HealthCheck, Load, LoadReport, Proc, Retries, SLOW, Tuning,
-    children_of, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_exchange, opt_ms,
-    unique_control,
+use common::{
+    Arrivals, Backend, Clock, Drainit, Haproxy, HealthCheck, Load, LoadReport, Retries, SLOW,
+    Tuning, demo, free_ports, get_request, haproxy_bin, is_phase, opt_ms, try_request,
 };
 
 /// The load balancer of the issue: two passed checks 1 s apart to take a server in, one failed
 /// check to take it out.
 const HEALTH_CHECKS: &str = "inter 1s fall 1 rise 2";
+/// HAProxy's check interval (`inter`).
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// The gate waits for the same two checks.
 const GATE_PROBES: &str = "2";
 const GATE_TIMEOUT: &str = "30s";
@@ -81,12 +80,20 @@ fn rolling_restart_with_startup_gate_loses_no_request_when_the_old_replica_stops
         opt_ms(outcome.new_up)
     );
     outcome.assert_the_rollout_happened();
+    // The gate opened on HAProxy's second passed check: the kubelet saw the replica ready once
+    // HAProxy had passed it twice, and HAProxy put it in rotation before its next check.
+    assert!(
+        outcome.lb_passes_at_ready >= 2,
+        "with the gate, the kubelet saw the new replica ready after {} passed HAProxy checks in a \
+         row: the gate opened before HAProxy's second passed check",
+        outcome.lb_passes_at_ready
+    );
     assert!(
         outcome
             .new_up
-            .is_some_and(|up| up <= outcome.kubelet_ready + Duration::from_millis(500)),
-        "with the gate, HAProxy marked the new server UP at {}, not about when the kubelet saw it \
-         ready (+{} ms): the gate opened before HAProxy's second passed check",
+            .is_some_and(|up| up <= outcome.kubelet_ready + CHECK_INTERVAL),
+        "with the gate, HAProxy marked the new server UP at {}, not before its next check after \
+         the kubelet saw it ready (+{} ms)",
         opt_ms(outcome.new_up),
         outcome.kubelet_ready.as_millis()
     );
@@ -146,6 +153,9 @@ struct Outcome {
     requests_after_stop: u64,
     /// Probes on which the new replica's app was ready but the gate told the kubelet 503.
     kubelet_held: u32,
+    /// HAProxy's passed checks in a row, as the new replica counted them when the kubelet first
+    /// saw it ready.
+    lb_passes_at_ready: u64,
     kubelet_ready: Duration,
     stopped: Duration,
     /// The old server's status in HAProxy when it was killed.
@@ -247,7 +257,7 @@ fn rolling_restart(gate: Gate) -> Outcome {
                 statuses.current("old"),
                 statuses.current("new"),
                 haproxy.proc.output(),
-                old.proc.output()
+                old.drainit.proc.output()
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -367,8 +377,8 @@ fn rolling_restart(gate: Gate) -> Outcome {
         }
         if gate == Gate::On && !failures.is_empty() {
             let _ = writeln!(r, "HAProxy output:\n{}", haproxy.proc.output());
-            let _ = writeln!(r, "old replica output:\n{}", old.proc.output());
-            let _ = writeln!(r, "new replica output:\n{}", new.proc.output());
+            let _ = writeln!(r, "old replica output:\n{}", old.drainit.proc.output());
+            let _ = writeln!(r, "new replica output:\n{}", new.drainit.proc.output());
         }
         // One print: the two scenarios run in parallel and must not interleave their reports.
         print!("{report}");
@@ -377,6 +387,7 @@ fn rolling_restart(gate: Gate) -> Outcome {
             failures,
             requests_after_stop,
             kubelet_held: kubelet.held,
+            lb_passes_at_ready: kubelet.lb_passes_at_ready,
             kubelet_ready,
             stopped,
             old_status_at_stop,
@@ -409,11 +420,7 @@ impl Statuses {
         while !stop.load(Ordering::Relaxed) {
             for server in ["old", "new"] {
                 // HAProxy may be going away at the end of a failed test: no panic here.
-                let Some(status) = haproxy
-                    .try_command("show stat")
-                    .ok()
-                    .and_then(|stat| status_in(&stat, server))
-                else {
+                let Some(status) = haproxy.try_stat(server).map(|row| row["status"].clone()) else {
                     continue;
                 };
                 let previous = self.current(server);
@@ -461,18 +468,6 @@ impl Statuses {
     }
 }
 
-/// The `status` column of backend `be`'s `server` in a `show stat` answer.
-fn status_in(stat: &str, server: &str) -> Option<String> {
-    let mut lines = stat.lines();
-    let header: Vec<&str> = lines.next()?.strip_prefix("# ")?.split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name);
-    let (px, sv, st) = (column("pxname")?, column("svname")?, column("status")?);
-    lines
-        .map(|l| l.split(',').collect::<Vec<_>>())
-        .find(|row| row.get(px) == Some(&"be") && row.get(sv) == Some(&server))
-        .and_then(|row| row.get(st).map(|s| (*s).to_owned()))
-}
-
 // ---------------------------------------------------------------------------------------------
 // The kubelet
 
@@ -486,6 +481,9 @@ struct Kubelet {
     /// 503 from the start-up gate: the app is ready, the load balancers have not confirmed.
     held: u32,
     ready_at: Instant,
+    /// The most passed checks in a row of any load balancer, in the replica's `/status` right
+    /// after the kubelet's first 200.
+    lb_passes_at_ready: u64,
 }
 
 impl Kubelet {
@@ -500,13 +498,24 @@ impl Kubelet {
             probes += 1;
             match kubelet_probe(ports.health_addr()) {
                 Ok((200, _)) => {
+                    let ready_at = Instant::now();
                     clock.event(format!("kubelet: new replica ready (probe {probes})"));
+                    let status = replica.drainit.status();
+                    let lb_passes_at_ready = status["lb_probes"]["checkers"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|c| c["kubelet"] == false)
+                        .filter_map(|c| c["consecutive_ready"].as_u64())
+                        .max()
+                        .unwrap_or(0);
                     return Kubelet {
+                        lb_passes_at_ready,
                         probes,
                         unreachable,
                         not_ready,
                         held,
-                        ready_at: Instant::now(),
+                        ready_at,
                     };
                 }
                 Ok((503, body)) if body.contains("start-up gate") => {
@@ -522,7 +531,7 @@ impl Kubelet {
                 Ok((503, _)) => not_ready += 1,
                 Ok((code, body)) => panic!(
                     "{label}: the kubelet's /ready probe got {code}: {body}\nnew replica:\n{}",
-                    replica.proc.output()
+                    replica.drainit.proc.output()
                 ),
                 Err(_) => unreachable += 1,
             }
@@ -531,7 +540,7 @@ impl Kubelet {
                 "{label}: the kubelet did not see the new replica ready within {READY_WITHIN:?} \
                  ({probes} probes: {unreachable} unreachable, {not_ready} not ready, {held} held \
                  by the start-up gate):\nnew replica:\n{}",
-                replica.proc.output()
+                replica.drainit.proc.output()
             );
             thread::sleep((sent + KUBELET_PERIOD).saturating_duration_since(Instant::now()));
         }
@@ -540,11 +549,7 @@ impl Kubelet {
 
 /// One kubelet HTTP probe: a new connection, HTTP/1.1, the kubelet's headers and timeout.
 fn kubelet_probe(addr: SocketAddr) -> Result<(u16, String), String> {
-    let request = format!(
-        "GET /ready HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: {KUBELET_AGENT}\r\n\
-         Accept: */*\r\nConnection: close\r\n\r\n"
-    );
-    http_exchange(addr, &request, KUBELET_TIMEOUT)
+    try_request(addr, &get_request("/ready", KUBELET_AGENT), KUBELET_TIMEOUT)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -566,80 +571,53 @@ impl Ports {
     }
 }
 
-/// drainit around demo_app; killed with its app on drop (`Proc`).
+/// drainit around demo_app; killed with its app on drop.
 struct Replica {
-    proc: Proc,
+    drainit: Drainit,
     app: SocketAddr,
 }
 
 impl Replica {
     /// Waits until the app listens, drainit's probe server too, and the app is ready.
     fn wait_serving(&self) {
-        let timeout = Duration::from_secs(10);
-        let listening = format!("demo-app: listening on {}", self.app);
-        let wait = |what: &str, matches: &dyn Fn(&str) -> bool| {
-            if self.proc.wait_line(timeout, matches).is_none() {
-                panic!(
-                    "{}: {what} within {timeout:?}:\n{}",
-                    self.proc.name,
-                    self.proc.output()
-                );
-            }
-        };
-        wait("the app did not report listening", &|l| l == listening);
-        wait("drainit did not report its probe server listening", &|l| {
-            l.contains("probe server listening")
-        });
-        wait("drainit did not report the app ready", &|l| {
-            l.contains(r#""message":"lifecycle transition""#) && l.contains(r#""to":"ready""#)
-        });
+        self.drainit
+            .app_line(&format!("demo-app: listening on {}", self.app));
+        self.drainit.event("probe_server_listening");
+        self.drainit.wait_ready();
     }
 
     /// When drainit logged the app ready (its lifecycle's move to `ready`), on the test's clock.
     fn app_ready_at(&self, clock_started: SystemTime) -> Option<Duration> {
-        self.proc.lines().iter().find_map(|line| {
-            let log: Value = serde_json::from_str(line).ok()?;
-            if log["message"] != "lifecycle transition" || log["to"] != "ready" {
-                return None;
-            }
-            let at = humantime::parse_rfc3339(log["timestamp"].as_str()?).ok()?;
-            at.duration_since(clock_started).ok()
-        })
+        let line = self
+            .drainit
+            .logs
+            .wait_for(Duration::ZERO, |l| is_phase(l, "ready"))?;
+        let log: Value = serde_json::from_str(&line.text).ok()?;
+        let at = humantime::parse_rfc3339(log["timestamp"].as_str()?).ok()?;
+        at.duration_since(clock_started).ok()
     }
 
     /// Stops the replica at once, as a container runtime killing the pod does: SIGKILL to the
     /// app's process group and to drainit, no drain.
     fn kill_at_once(&self) {
-        for child in children_of(self.proc.pid()) {
-            let _ = kill(Pid::from_raw(-child.as_raw()), Signal::SIGKILL);
-        }
-        kill(self.proc.pid(), Signal::SIGKILL).expect("cannot SIGKILL the replica");
+        self.drainit.proc.kill_all();
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        self.proc.wait_exit(timeout).unwrap_or_else(|| {
-            panic!(
-                "{} did not exit within {timeout:?} of its SIGKILL:\n{}",
-                self.proc.name,
-                self.proc.output()
-            )
-        })
+        self.drainit.proc.expect_exit(timeout, "its SIGKILL")
     }
 }
 
 /// drainit's log lines worth a place in the timeline.
 fn drainit_events(line: &str) -> Option<String> {
     let log: Value = serde_json::from_str(line).ok()?;
-    let message = log["message"].as_str()?;
-    match message {
-        "lifecycle transition" => Some(format!(
+    match log["event"].as_str()? {
+        "phase_changed" => Some(format!(
             "{} -> {}",
             log["from"].as_str().unwrap_or("?"),
             log["to"].as_str().unwrap_or("?")
         )),
-        _ if message.starts_with("start-up gate") || message == "app check passes" => {
-            Some(message.to_owned())
-        }
+        event @ ("gate_opened" | "gate_timed_out" | "app_check_passed") => Some(event.to_owned()),
         _ => None,
     }
 }
@@ -647,31 +625,31 @@ fn drainit_events(line: &str) -> Option<String> {
 /// Starts one replica (the same flags for old and new, as one Deployment's pods), with the app's
 /// own `/healthz` as its readiness check.
 fn start_replica(gate: Gate, ports: &Ports, clock: &Clock) -> Replica {
-    let name = format!("drainit({})", ports.server);
-    let mut command = Command::new(drainit_bin());
-    command
-        .arg("--health-listen")
-        .arg(ports.health_addr().to_string())
-        .arg("--control")
-        .arg(unique_control(ports.server))
-        .args(["--log-format", "json"])
-        .arg("--ready-http")
-        .arg(format!("http://{}/healthz", ports.app_addr()))
-        .args(["--ready-interval", "200ms"]);
+    let healthz = format!("http://{}/healthz", ports.app_addr());
+    let mut builder = Drainit::builder()
+        .name(&format!("drainit({})", ports.server))
+        .health(ports.health_addr())
+        .options(&["--ready-http", &healthz, "--ready-interval", "200ms"]);
     if gate == Gate::On {
-        command
-            .args(["--ready-after-lb-probes", GATE_PROBES])
-            .args(["--ready-lb-timeout", GATE_TIMEOUT]);
+        builder = builder.options(&[
+            "--ready-after-lb-probes",
+            GATE_PROBES,
+            "--ready-lb-timeout",
+            GATE_TIMEOUT,
+        ]);
     }
-    command
-        .arg("--")
-        .arg(demo_app_bin())
-        .args(["--listen", &ports.app_addr().to_string()])
-        .args(["--name", ports.server]);
-    let proc = Proc::spawn(&name, &mut command, Some((clock, drainit_events)));
-    clock.event(format!("{name} started (pid {})", proc.pid()));
+    let listen = ports.app_addr().to_string();
+    let drainit = builder
+        .app(demo(&["--listen", &listen, "--name", ports.server]))
+        .timeline(clock, drainit_events)
+        .spawn();
+    clock.event(format!(
+        "{} started (pid {})",
+        drainit.proc.name,
+        drainit.pid()
+    ));
     Replica {
-        proc,
+        drainit,
         app: ports.app_addr(),
     }
 }

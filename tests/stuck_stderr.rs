@@ -18,7 +18,7 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 #[test]
 fn lines_lost_to_a_stuck_stderr_are_counted_and_reported_when_it_moves_again() {
     let app = "trap '' TERM USR1 USR2; echo trapped; while :; do sleep 1; done";
-    let mut drainit = Drainit::start(&["--drain-delay", "0"], &["sh", "-c", app]);
+    let drainit = Drainit::start(&["--drain-delay", "0"], &["sh", "-c", app]);
     // A signal before the traps are set would end the app, and the test.
     drainit.app_line("trapped");
     drainit.logs.stop_reading();
@@ -30,7 +30,7 @@ fn lines_lost_to_a_stuck_stderr_are_counted_and_reported_when_it_moves_again() {
     assert!(dropped > 0.0, "nothing dropped: stderr was never stuck");
 
     drainit.logs.resume_reading();
-    let notice = drainit.log("log lines dropped");
+    let notice = drainit.event("log_lines_dropped");
     let reported = notice["dropped"].as_f64().unwrap();
     assert!(
         reported > 0.0 && reported <= dropped,

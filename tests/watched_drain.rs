@@ -23,7 +23,7 @@
 //!
 //! Needs root, iproute2 (`ip netns`) and HAProxy; fails rather than skips without them.
 
-mod lb;
+mod common;
 
 use std::net::SocketAddr;
 use std::process::ExitStatus;
@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use serde_json::Value;
 
-use lb::{
-    Arrivals, Backend, Clock, Counters, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc,
-    Replica, SLOW, demo_app_bin, drainit_bin, free_ports, haproxy_bin, http_get, opt_ms,
-    outputs_but, unique_control,
+use common::{
+    Arrivals, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Replica,
+    SLOW, body_of, demo, evidence, free_ports, get_request, haproxy_bin, is_event, opt_ms,
+    outputs_but, try_request,
 };
 
 /// Every replica listens on the same ports, each in its own namespace.
@@ -225,10 +225,6 @@ enum Removal {
     RuntimeApi(Duration),
 }
 
-fn health(replica: &Replica) -> SocketAddr {
-    SocketAddr::from((replica.netns.ip, HEALTH_PORT))
-}
-
 /// The "drain over" line of one drainit.
 #[derive(Debug)]
 struct DrainOver {
@@ -274,15 +270,11 @@ impl Scenario {
         let clock = Clock::new();
         let started = Instant::now();
         let label = self.label.to_owned();
-        let mut replicas: Vec<Replica> = ["r1", "r2"]
-            .into_iter()
-            .map(|server| Replica::start(server, |netns| self.start_replica(server, netns, &clock)))
-            .collect();
+        let mut replicas = Replica::start_all(&["r1", "r2"], |server, netns| {
+            self.start_replica(server, netns, &clock)
+        });
         let [frontend] = free_ports();
-        let backends: Vec<Backend> = replicas
-            .iter()
-            .map(|r| r.backend(APP_PORT, HEALTH_PORT))
-            .collect();
+        let backends = Replica::backends(&replicas, APP_PORT, HEALTH_PORT);
         let haproxy = Haproxy::start(self.check, frontend, &backends, &clock);
         for r in &replicas {
             haproxy.wait_until_up(&r.server, Duration::from_secs(15), || outputs(&replicas));
@@ -398,42 +390,24 @@ impl Scenario {
 
     /// Starts drainit and the demo app in `netns`; waits until the app listens and drainit's
     /// probe server too.
-    fn start_replica(&self, server: &str, netns: &Netns, clock: &Clock) -> Proc {
-        let mut command = netns.command(&drainit_bin());
-        command
-            .arg("--health-listen")
-            .arg(format!("0.0.0.0:{HEALTH_PORT}"))
-            .arg("--control")
-            .arg(unique_control(server))
-            .args(["--log-format", "json"])
-            .args(self.drainit)
-            .arg("--")
-            .arg(demo_app_bin())
-            .arg("--listen")
-            .arg(format!("0.0.0.0:{APP_PORT}"))
-            .arg("--name")
-            .arg(server);
-        let name = format!("drainit({server})");
-        let proc = Proc::spawn(&name, &mut command, Some((clock, drainit_event)));
-        let timeout = Duration::from_secs(10);
-        let listening = format!("demo-app: listening on 0.0.0.0:{APP_PORT}");
-        let ready = proc.wait_line(timeout, |l| l == listening).is_some()
-            && proc
-                .wait_line(timeout, |l| l.contains("probe server listening"))
-                .is_some();
-        assert!(
-            ready,
-            "{name}: the app or drainit's probe server did not come up within {timeout:?} in \
-             {}:\n{}",
-            netns.name,
-            proc.output()
-        );
+    fn start_replica(&self, server: &str, netns: &Netns, clock: &Clock) -> Drainit {
+        let listen = format!("0.0.0.0:{APP_PORT}");
+        let drainit = Drainit::builder()
+            .name(&format!("drainit({server})"))
+            .in_netns(netns)
+            .health(format!("0.0.0.0:{HEALTH_PORT}"))
+            .options(self.drainit)
+            .app(demo(&["--listen", &listen, "--name", server]))
+            .timeline(clock, drainit_event)
+            .start();
+        drainit.app_line(&format!("demo-app: listening on {listen}"));
         clock.event(format!(
-            "{name} started at {} (pid {})",
+            "{} started at {} (pid {})",
+            drainit.proc.name,
             netns.ip,
-            proc.pid()
+            drainit.pid()
         ));
-        proc
+        drainit
     }
 
     /// SIGTERM to the replica's drainit; with a runtime-API removal, takes it out of rotation on
@@ -447,13 +421,15 @@ impl Scenario {
         others: &str,
     ) -> Step {
         let server = replica.server.clone();
-        let traffic_before = http_get(health(replica), "/status")
+        let status = get_request("/status", "drainit-e2e-test");
+        let traffic_before = try_request(replica.drainit.health, &status, Duration::from_secs(5))
             .ok()
-            .and_then(|(_, body)| serde_json::from_str::<Value>(&body).ok())
+            .and_then(|(_, response)| serde_json::from_str::<Value>(body_of(&response)).ok())
             .map_or(Value::Null, |status| status["traffic"].clone());
         let sigterm = Instant::now();
-        kill(replica.proc.pid(), Signal::SIGTERM).expect("cannot SIGTERM the replica's drainit");
-        clock.event(format!("SIGTERM to {}", replica.proc.name));
+        kill(replica.drainit.proc.pid(), Signal::SIGTERM)
+            .expect("cannot SIGTERM the replica's drainit");
+        clock.event(format!("SIGTERM to {}", replica.drainit.proc.name));
 
         let mut watch = StatusWatch::new(&server, sigterm);
         let mut removed: Option<Instant> = None;
@@ -469,9 +445,9 @@ impl Scenario {
                 }
             }
             if exited.is_none() {
-                if let Some(status) = replica.proc.try_exit() {
+                if let Some(status) = replica.drainit.proc.try_exit() {
                     exited = Some((Instant::now(), status));
-                    clock.event(format!("{} exited: {status}", replica.proc.name));
+                    clock.event(format!("{} exited: {status}", replica.drainit.proc.name));
                 }
             }
             let out = match self.removal {
@@ -484,8 +460,8 @@ impl Scenario {
             assert!(
                 Instant::now() < deadline,
                 "{} did not exit within 35 s of its SIGTERM:\n{}",
-                replica.proc.name,
-                replica.proc.output()
+                replica.drainit.proc.name,
+                replica.drainit.proc.output()
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -494,15 +470,17 @@ impl Scenario {
             status.code(),
             Some(0),
             "{} exited with {status}, expected 0:\n{}",
-            replica.proc.name,
-            replica.proc.output()
+            replica.drainit.proc.name,
+            replica.drainit.proc.output()
         );
-        let drain = drain_over(&replica.proc);
+        let drain = drain_over(&replica.drainit);
         let late_arrivals = replica
-            .proc
-            .lines()
+            .drainit
+            .logs
+            .all()
             .into_iter()
-            .filter(|l| message(l).is_some_and(|m| m.starts_with("late arrival")))
+            .filter(|l| is_event(&l.text, "late_arrival"))
+            .map(|l| l.text)
             .collect();
 
         let dead_since = removed.map_or(exited_at, |r| r.max(exited_at));
@@ -512,12 +490,12 @@ impl Scenario {
         }
         let output = format!(
             "{} (replaced) output:\n{}",
-            replica.proc.name,
-            replica.proc.output()
+            replica.drainit.proc.name,
+            replica.drainit.proc.output()
         );
         let replacement = self.start_replica(&server, &replica.netns, clock);
         // The old one has exited: dropping it kills nothing.
-        drop(std::mem::replace(&mut replica.proc, replacement));
+        drop(std::mem::replace(&mut replica.drainit, replacement));
         if let Removal::RuntimeApi(_) = self.removal {
             haproxy.set_state(&server, "ready");
             clock.event(format!("runtime API: {server} set to ready (back in)"));
@@ -534,7 +512,7 @@ impl Scenario {
                  starting (status {status}, out of rotation seen: {}):\nreplacement output:\n{}\n\
                  HAProxy output:\n{}\n{others}",
                 watch.out.is_some(),
-                replica.proc.output(),
+                replica.drainit.proc.output(),
                 haproxy.proc.output()
             );
             thread::sleep(Duration::from_millis(20));
@@ -682,63 +660,41 @@ impl<'a> StatusWatch<'a> {
 // ---------------------------------------------------------------------------------------------
 // drainit's logs
 
-/// The `message` of one JSON log line.
-fn message(line: &str) -> Option<String> {
-    let log: Value = serde_json::from_str(line).ok()?;
-    field(&log, "message").as_str().map(str::to_owned)
-}
-
-/// A field of a JSON log line, at the top level or under `fields`.
-fn field<'v>(log: &'v Value, name: &str) -> &'v Value {
-    match &log[name] {
-        Value::Null => &log["fields"][name],
-        value => value,
-    }
-}
-
 /// The timeline's view of drainit's log: the steps of the drain.
 fn drainit_event(line: &str) -> Option<String> {
     let log: Value = serde_json::from_str(line).ok()?;
-    let message = field(&log, "message").as_str()?;
-    let elapsed = field(&log, "elapsed_ms");
-    if message == "drain over" {
-        let reason = field(&log, "reason").as_str().unwrap_or("no reason");
-        return Some(format!("drain over at {elapsed} ms: {reason}"));
+    let event = log["event"].as_str()?;
+    let elapsed = &log["elapsed_ms"];
+    match event {
+        "drain_over" => {
+            let reason = log["reason"].as_str().unwrap_or("no reason");
+            Some(format!("drain_over at {elapsed} ms: {reason}"))
+        }
+        "drain_started" | "stop_signal_sent" | "app_exited" | "late_arrival" | "budget_kill" => {
+            Some(format!("{event} ({elapsed} ms)"))
+        }
+        _ => None,
     }
-    let keep = message.starts_with("drain started")
-        || message.starts_with("sending the stop signal")
-        || message.starts_with("app exited")
-        || message.starts_with("late arrival")
-        || message.starts_with("shutdown budget spent");
-    keep.then(|| format!("{message} ({elapsed} ms)"))
 }
 
-/// The replica's "drain over" line, with its evidence parsed.
-fn drain_over(proc: &Proc) -> DrainOver {
-    let line = proc
-        .wait_line(Duration::from_secs(2), |l| {
-            message(l).as_deref() == Some("drain over")
-        })
+/// The replica's `drain_over` event, with its evidence parsed.
+fn drain_over(drainit: &Drainit) -> DrainOver {
+    let log = drainit
+        .wait_event("drain_over", Duration::from_secs(2))
         .unwrap_or_else(|| {
             panic!(
-                "{}: no 'drain over' log line:\n{}",
-                proc.name,
-                proc.output()
+                "{}: no drain_over event:\n{}",
+                drainit.proc.name,
+                drainit.proc.output()
             )
         });
-    let log: Value = serde_json::from_str(&line).expect("JSON");
-    let evidence = match field(&log, "evidence") {
-        Value::String(text) => serde_json::from_str(text)
-            .unwrap_or_else(|e| panic!("{}: evidence is not JSON ({e}): {line}", proc.name)),
-        other => other.clone(),
-    };
     DrainOver {
-        reason: field(&log, "reason").as_str().unwrap_or("").to_owned(),
-        elapsed_ms: field(&log, "elapsed_ms")
+        reason: log["reason"].as_str().unwrap_or("").to_owned(),
+        elapsed_ms: log["elapsed_ms"]
             .as_u64()
-            .unwrap_or_else(|| panic!("{}: no elapsed_ms in {line}", proc.name)),
-        evidence,
-        line,
+            .unwrap_or_else(|| panic!("{}: no elapsed_ms in {log}", drainit.proc.name)),
+        evidence: evidence(&log),
+        line: log.to_string(),
     }
 }
 

@@ -157,15 +157,6 @@ pub fn kubelet_probes(addr: SocketAddr, duration: Duration) -> Vec<Option<Durati
     results
 }
 
-/// A process's resident memory (VmRSS) in kB; None once it is gone.
-pub fn resident_kb(pid: i32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-}
-
 /// `per_source` `/ready` requests with a distinct User-Agent each, kept alive from each of
 /// `sources` addresses (127.0.3.x) in turn: every one a would-be load balancer for the checker
 /// table. Returns how many were answered; stops early at the first connection drainit closes.
@@ -274,7 +265,7 @@ pub struct PolledKill {
 /// User-Agents from 20 addresses, then 2 clients polling `/status` and `/metrics` (and one
 /// churning the table) through SIGTERM until the budget kill.
 pub fn budget_kill_while_status_is_polled() -> PolledKill {
-    use crate::common::{Drainit, is_running};
+    use super::{Drainit, is_running};
     use nix::sys::signal::Signal;
     let grace = format!("{}s", POLLED_GRACE.as_secs());
     let mut drainit = Drainit::demo(
@@ -289,6 +280,7 @@ pub fn budget_kill_while_status_is_polled() -> PolledKill {
         .as_array()
         .map_or(0, Vec::len);
     let pollers = StatusPollers::start(health, 2);
+    // The pollers load drainit half a second before SIGTERM (a load, not a wait).
     thread::sleep(MS(500));
     let sigterm = drainit.signal_at(Signal::SIGTERM);
     while is_running(app) && sigterm.elapsed() < POLLED_GRACE * 3 {

@@ -1,5 +1,6 @@
-//! The probe server: `/alive` and `/ready` for the kubelet and load balancers, `/status` for
-//! operators.
+//! The probe server: `/alive` and `/ready` for the kubelet and load balancers. It also accepts
+//! the operators' `/status` and `/metrics` requests, on the same port, and hands them to
+//! [`crate::admin`].
 //!
 //! Each answer is read from the lifecycle channel at request time. Connections are handled on
 //! their own tasks with bounded header time and a bounded count, so a slow or hostile client can
@@ -9,7 +10,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -27,14 +28,13 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
+use crate::admin::{self, Page};
+use crate::checkers::{CheckerId, CheckerKind};
 use crate::cidr::Cidr;
-use crate::drain::lb_probes::{self, CheckerId, Checkers};
-use crate::drain::{DrainPolicy, Observers};
+use crate::drain::Observers;
 use crate::exit::StartupError;
-use crate::lifecycle::{Phase, State};
-use crate::metrics::{self, Metrics};
-use crate::readiness::{GateState, ReadinessConfig, SharedCheckLog, StartupGate};
-use crate::status;
+use crate::lifecycle::{PhaseKind, State};
+use crate::metrics::Metrics;
 use crate::throttle::Throttle;
 
 use self::connections::{Registry, SharedRegistry};
@@ -98,15 +98,8 @@ pub fn announce(listener: &TcpListener) {
 /// What the probe server needs besides the lifecycle: fixed at start-up, or shared state it reads.
 #[derive(Debug)]
 pub struct Context {
-    pub started: Instant,
-    pub app_pid: i32,
-    pub drain: DrainPolicy,
-    pub readiness: ReadinessConfig,
-    pub check_log: SharedCheckLog,
-    pub startup_gate: Option<StartupGate>,
-    /// The start-up gate opens once, for good: the kubelet's view must not flap with the load
-    /// balancers' checks.
-    pub gate_opened: AtomicBool,
+    /// Notified after each `/ready` check recorded: the start-up gate looks again at once.
+    pub checker_recorded: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
     pub lb_sources: Vec<Cidr>,
@@ -123,40 +116,15 @@ impl Context {
                 .iter()
                 .any(|range| range.contains(checker.addr))
     }
-
-    /// Whether the start-up gate still holds the kubelet back from a ready app.
-    fn gate_holds(&self, checkers: &Checkers, state: State, now: Instant) -> bool {
-        let Some(gate) = self.startup_gate else {
-            return false;
-        };
-        if self.gate_opened.load(Ordering::Relaxed) {
-            return false;
-        }
-        let verdict = gate.state(checkers, state.ready_since, now);
-        match verdict {
-            GateState::Waiting => return true,
-            GateState::Open => info!(
-                event = "gate_opened",
-                probes = gate.probes,
-                "start-up gate open: every load balancer has seen the pod ready; so will the kubelet"
-            ),
-            GateState::TimedOut => warn!(event = "gate_timed_out",
-                timeout_ms = gate.timeout.as_millis() as u64,
-                waiting_for = ?checkers.holding_the_gate(now, gate.probes),
-                "start-up gate timed out: no load balancer confirmed the pod (--ready-lb-timeout); the kubelet sees it ready anyway"
-            ),
-        }
-        self.gate_opened.store(true, Ordering::Relaxed);
-        false
-    }
 }
 
-/// Serves probes until the process exits.
+/// Serves probes, and the admin endpoints, until the process exits.
 pub async fn serve(
     listener: TcpListener,
     state: watch::Receiver<State>,
     observers: Observers,
     context: Context,
+    admin: admin::Context,
 ) {
     let registry: SharedRegistry = Arc::new(std::sync::Mutex::new(Registry::new(
         connections::capacity(),
@@ -168,6 +136,7 @@ pub async fn serve(
         state,
         observers,
         context,
+        admin,
         registry,
     });
     let mut accept_failures = Throttle::new(ACCEPT_WARNING_EVERY);
@@ -214,6 +183,7 @@ struct Server {
     state: watch::Receiver<State>,
     observers: Observers,
     context: Context,
+    admin: admin::Context,
     registry: SharedRegistry,
 }
 
@@ -265,7 +235,7 @@ impl Connection {
             connections::lock(&server.registry).touch(id, Instant::now());
             // Copied out first: the watch channel's read lock is not held while answering.
             let current = *server.state.borrow();
-            let response = handle(&request, peer, current, &server.observers, &server.context);
+            let response = handle(&request, peer, current, &server);
             async move { Ok::<_, Infallible>(response) }
         });
         let served = http1::Builder::new()
@@ -317,29 +287,33 @@ fn request_head_is_complete(stream: &TcpStream) -> bool {
     usize::try_from(peeked).is_ok_and(|n| head[..n].windows(4).any(|w| w == b"\r\n\r\n"))
 }
 
-/// Answers one request and, for `/ready`, records who checked and what they were told: that is
-/// the `lb-probes` watcher's evidence.
+/// Answers one request: a read of an admin endpoint from [`admin`], anything else as a probe
+/// (for `/ready`, recording who checked and what they were told: that is the `lb-probes`
+/// watcher's evidence).
 fn handle(
     request: &Request<Incoming>,
     peer: IpAddr,
     state: State,
-    observers: &Observers,
-    context: &Context,
+    server: &Server,
 ) -> Response<Full<Bytes>> {
     let asked = Asked::from(request);
-    let response = match asked.path {
-        "/status" if asked.reads => {
-            let body = status::render(state, observers, context).to_string() + "\n";
-            with_body(StatusCode::OK, "application/json", body)
-        }
-        "/metrics" if asked.reads => with_body(
-            StatusCode::OK,
-            metrics::CONTENT_TYPE,
-            context.metrics.render(),
+    let admin_page = asked
+        .reads
+        .then(|| admin::page(asked.path, state, &server.observers, &server.admin))
+        .flatten();
+    let response = match admin_page {
+        Some(Page { content_type, body }) => with_body(StatusCode::OK, content_type, body),
+        None => probe(
+            request,
+            &asked,
+            peer,
+            state,
+            &server.observers,
+            &server.context,
         ),
-        _ => probe(request, &asked, peer, state, observers, context),
     };
-    context
+    server
+        .context
         .metrics
         .probe(asked.path, response.status().as_u16(), asked.checker_kind());
     response
@@ -369,12 +343,8 @@ impl<'a> From<&'a Request<Incoming>> for Asked<'a> {
 
 impl Asked<'_> {
     /// For the probe metrics: who asked.
-    fn checker_kind(&self) -> &'static str {
-        match self.path {
-            _ if lb_probes::is_kubelet(self.agent) => "kubelet",
-            "/ready" | "/alive" if lb_probes::may_be_load_balancer(self.agent) => "load_balancer",
-            _ => "other",
-        }
+    fn checker_kind(&self) -> CheckerKind {
+        CheckerKind::of(self.agent, matches!(self.path, "/ready" | "/alive"))
     }
 }
 
@@ -390,29 +360,27 @@ fn probe(
 ) -> Response<Full<Bytes>> {
     let checker = CheckerId::new(peer, asked.agent);
     let now = Instant::now();
-    let held = asked.path == "/ready"
-        && checker.is_kubelet()
-        && state.phase.is_ready()
-        && context.gate_holds(&observers.checkers(), state, now);
+    let held = asked.path == "/ready" && checker.is_kubelet() && state.gate_holds();
     let response = if held {
         plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: waiting for the load balancers (start-up gate)\n",
         )
     } else {
-        respond(request, state.phase)
+        respond(request, state.kind())
     };
     if asked.path == "/ready" && asked.reads && context.may_record(&checker) {
         let ready = response.status() == StatusCode::OK;
         observers
             .checkers()
-            .record(checker, now, ready, state.phase.drain_has_started());
+            .record(checker, now, ready, state.drain_has_started());
+        context.checker_recorded.notify_one();
     }
     response
 }
 
 /// The answer to one probe request, given the current phase.
-pub fn respond(request: &Request<Incoming>, phase: Phase) -> Response<Full<Bytes>> {
+pub fn respond(request: &Request<Incoming>, phase: PhaseKind) -> Response<Full<Bytes>> {
     let wants_json = request
         .headers()
         .get(header::ACCEPT)
@@ -421,7 +389,12 @@ pub fn respond(request: &Request<Incoming>, phase: Phase) -> Response<Full<Bytes
     answer(request.method(), request.uri().path(), wants_json, phase)
 }
 
-fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Response<Full<Bytes>> {
+fn answer(
+    method: &Method,
+    path: &str,
+    wants_json: bool,
+    phase: PhaseKind,
+) -> Response<Full<Bytes>> {
     let (probe, healthy) = match path {
         "/alive" => ("alive", phase.is_alive()),
         "/ready" => ("ready", phase.is_ready()),
@@ -448,7 +421,7 @@ fn answer(method: &Method, path: &str, wants_json: bool, phase: Phase) -> Respon
         StatusCode::SERVICE_UNAVAILABLE
     };
     if wants_json {
-        let body = serde_json::json!({ probe: healthy, "phase": phase.name() }).to_string() + "\n";
+        let body = serde_json::json!({ probe: healthy, "phase": phase.label() }).to_string() + "\n";
         return with_body(status, "application/json", body);
     }
     let verdict = if healthy {
@@ -479,32 +452,32 @@ fn with_body(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lifecycle::DrainTrigger;
 
-    fn status(method: Method, path: &str, phase: Phase) -> StatusCode {
+    fn status(method: Method, path: &str, phase: PhaseKind) -> StatusCode {
         answer(&method, path, false, phase).status()
     }
 
     #[test]
     fn ready_only_while_ready_alive_until_exit() {
-        let draining = Phase::Draining {
-            trigger: DrainTrigger::Sigterm,
-        };
-        assert_eq!(status(Method::GET, "/ready", Phase::Ready), StatusCode::OK);
+        let draining = PhaseKind::Draining;
+        assert_eq!(
+            status(Method::GET, "/ready", PhaseKind::Ready),
+            StatusCode::OK
+        );
         assert_eq!(
             status(Method::GET, "/ready", draining),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(
-            status(Method::GET, "/ready", Phase::Starting),
+            status(Method::GET, "/ready", PhaseKind::Starting),
             StatusCode::SERVICE_UNAVAILABLE
         );
         assert_eq!(status(Method::HEAD, "/alive", draining), StatusCode::OK);
         assert_eq!(
-            status(Method::GET, "/alive", Phase::Stopping),
+            status(Method::GET, "/alive", PhaseKind::Stopping),
             StatusCode::OK
         );
-        let exited = Phase::Exited { code: 0 };
+        let exited = PhaseKind::Exited;
         assert_eq!(
             status(Method::GET, "/alive", exited),
             StatusCode::SERVICE_UNAVAILABLE
@@ -514,22 +487,22 @@ mod tests {
     #[test]
     fn unknown_paths_and_methods() {
         assert_eq!(
-            status(Method::GET, "/", Phase::Ready),
+            status(Method::GET, "/", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
         assert_eq!(
-            status(Method::POST, "/ready", Phase::Ready),
+            status(Method::POST, "/ready", PhaseKind::Ready),
             StatusCode::METHOD_NOT_ALLOWED
         );
         assert_eq!(
-            status(Method::DELETE, "/nope", Phase::Ready),
+            status(Method::DELETE, "/nope", PhaseKind::Ready),
             StatusCode::NOT_FOUND
         );
     }
 
     #[test]
     fn json_names_the_phase() {
-        let response = answer(&Method::GET, "/ready", true, Phase::Drained);
+        let response = answer(&Method::GET, "/ready", true, PhaseKind::Drained);
         assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
     }
 }
