@@ -2,10 +2,13 @@
 //! port (std's allocator on wasm), behind std's const `Mutex`; larger ones from musl's malloc.
 //!
 //! musl's malloc maps and unmaps a group of slots at every turn (`drainit -- /bin/true`: 131 mmap
-//! and 111 munmap calls): dlmalloc takes its memory in 64 KiB segments and keeps it (18 and 3).
-//! But dlmalloc never hands back memory below the top of its heap: the large blocks a burst of
-//! probe connections grows stayed resident (+0.25 MB after the footprint bench's probe load),
-//! while musl maps each one apart and unmaps it when freed (+0.06 MB with this split).
+//! and 111 munmap calls): dlmalloc takes its memory in 64 KiB segments and keeps it (21 and 6).
+//! But dlmalloc never gives back memory below the top of its heap, and trims the top only past
+//! 2 MiB: large blocks (a hostile client's header buffers) go to musl, which maps each apart and
+//! unmaps it when freed. What a burst of probe connections leaves resident is dlmalloc's: the
+//! blocks that churn at start-up are the ones the burst grows (footprint bench: +0.24 MB after the
+//! probe load; +0.29 MB with dlmalloc for everything; +0.03 MB with musl from 1 KiB, which brings
+//! the start-up churn back).
 //!
 //! Fork: drainit forks only to exec the app, and between the two runs std's spawn path and a
 //! `pre_exec` hook (`tcsetpgrp`), neither of which allocates. Keep it so: a lock held by another
