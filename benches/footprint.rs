@@ -11,12 +11,14 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::binaries::is_static;
 use common::{Drainit, drainit_bin};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const STARTS: usize = 60;
 const READY_REQUESTS: usize = 100_000;
@@ -91,6 +93,19 @@ fn own_rss(pid: u32) -> (f64, f64) {
 fn rss_at_rest(pid: u32) -> (f64, f64) {
     thread::sleep(Duration::from_millis(500));
     own_rss(pid)
+}
+
+/// Kills an init and the app it runs: the peers put their app in a group or session of its own,
+/// so killing the init alone would leave the app behind.
+fn kill_with_app(init: &mut Child) {
+    let pid = init.id();
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    for app in children.split_whitespace() {
+        let app = Pid::from_raw(app.parse().unwrap());
+        kill(app, Signal::SIGKILL).unwrap();
+    }
+    init.kill().unwrap();
+    init.wait().unwrap();
 }
 
 /// CPU time (user + system) of every waited-for child so far.
@@ -187,8 +202,7 @@ fn main() {
         } else {
             let mut child = init.command(&["sleep", "1000"]).spawn().unwrap();
             let at_rest = rss_at_rest(child.id());
-            child.kill().unwrap();
-            child.wait().unwrap();
+            kill_with_app(&mut child);
             (at_rest, None)
         };
         let (wall, cpu) = start_up(&init);
