@@ -41,9 +41,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use nix::unistd::Pid;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tracing::error;
+use tracing::{error, info};
 
 use crate::app::App;
 use crate::cli::{Cli, Command, SharedArgs};
@@ -111,6 +112,8 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
         Some(Command::Prestop(args)) => {
             Ok(runtime.block_on(prestop::run(&shared.control, args.timeout)))
         }
+        Some(Command::Sidecar(args)) => RunConfig::sidecar_from_args(args.run)
+            .and_then(|config| runtime.block_on(supervise(config, shared))),
         None => {
             RunConfig::from_args(run).and_then(|config| runtime.block_on(supervise(config, shared)))
         }
@@ -136,8 +139,20 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let reaper = Reaper::default();
-    let app = App::spawn(&config.command, config.forward_to_group)
-        .inspect_err(|_| shared.control.remove_socket_file())?;
+    let app = match &config.command {
+        Some(command) => Some(
+            App::spawn(command, config.forward_to_group)
+                .inspect_err(|_| shared.control.remove_socket_file())?,
+        ),
+        None => {
+            info!(
+                event = "sidecar_started",
+                "sidecar mode: no app to run; the drain starts with drainit prestop or SIGTERM"
+            );
+            None
+        }
+    };
+    let app_pid = app.map(|app| app.pid);
     probes::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
@@ -148,11 +163,11 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let mut lifecycle = Lifecycle::new(gate);
     let phase = lifecycle.subscribe();
     metrics.read_phase_from(move || phase.borrow().kind());
-    let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
+    let observers = observe_traffic(&config, app_pid, &probes, &lifecycle, metrics.clone());
     let (verdicts, readiness) = mpsc::channel(8);
     let check_log = watch_readiness(
         &config,
-        app,
+        app_pid,
         &probes,
         &mut lifecycle,
         &reaper,
@@ -177,7 +192,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     };
     let admin = admin::Context {
         started,
-        app_pid: app.pid.as_raw(),
+        app_pid: app_pid.map(Pid::as_raw),
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
@@ -207,7 +222,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
 /// is nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
-    app: App,
+    app: Option<Pid>,
     probes: &TcpListener,
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
@@ -221,7 +236,7 @@ fn watch_readiness(
         return check_log;
     };
     let probes = probes.local_addr().unwrap_or(config.health_listen);
-    let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
+    let running = RunningCheck::new(check, reaper.waiters(), app, probes);
     let metrics = metrics.clone();
     tokio::spawn(readiness::run(
         running,
@@ -238,7 +253,7 @@ fn watch_readiness(
 /// drain is what sizes the quiet period, and late arrivals are worth knowing in every mode.
 fn observe_traffic(
     config: &RunConfig,
-    app: App,
+    app: Option<Pid>,
     probes: &TcpListener,
     lifecycle: &Lifecycle,
     metrics: Arc<Metrics>,
@@ -257,7 +272,7 @@ fn observe_traffic(
     };
     tokio::spawn(traffic::monitor(
         observers.traffic.clone(),
-        app.pid,
+        app,
         config.app_ports.clone(),
         own_port,
         lifecycle.subscribe(),
