@@ -44,7 +44,7 @@ pub enum Command {
     /// Run with no app, as a sidecar container sharing the app's pod: the same probes and drain,
     /// started by `drainit prestop` or SIGTERM; the app's preStop hook `GET /drain/wait` holds the
     /// app until the drain is over. Takes the same options, but no command.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
 }
 
 #[derive(Debug, Args)]
