@@ -68,6 +68,9 @@ pub fn main() -> ExitCode {
 /// How long drainit waits at exit for a stuck stderr to take its last log lines.
 const LAST_LINES_WAIT: Duration = Duration::from_millis(500);
 
+/// How long drainit waits at exit for `/drain/wait` clients to get their answer.
+const WAITERS_ANSWER_WAIT: Duration = Duration::from_millis(500);
+
 fn parse_and_run() -> u8 {
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
@@ -185,10 +188,12 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         ));
     }
     let (drain_tx, drain_rx) = mpsc::channel(8);
+    let waiters = Arc::new(probes::drain_wait::Waiters::default());
     let context = probes::Context {
         checker_recorded,
         metrics: metrics.clone(),
         lb_sources: config.lb_sources.clone(),
+        waiters: waiters.clone(),
     };
     let admin = admin::Context {
         started,
@@ -214,6 +219,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         readiness,
     };
     let code = supervisor.run(inputs).await;
+    // The app's preStop hook waits on /drain/wait for the end drainit has just reached.
+    waiters.answered(WAITERS_ANSWER_WAIT).await;
     shared.control.remove_socket_file();
     Ok(code)
 }
