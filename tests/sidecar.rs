@@ -4,14 +4,15 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::hostile::{connect_from, kubelet_probes};
 use common::{
-    Drainit, Netns, Proc, START_TIMEOUT, demo_app_bin, drainit_bin, try_request, unique_control,
+    Arrivals, Backend, Clock, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Proc,
+    START_TIMEOUT, demo_app_bin, drainit_bin, free_ports, haproxy_bin, try_request, unique_control,
 };
 use nix::sys::signal::Signal;
 
@@ -35,7 +36,11 @@ struct Pod {
 impl Pod {
     /// Starts the app, then drainit with `options`, and waits until drainit has it ready.
     fn start(options: &[&str]) -> Self {
-        let netns = Netns::create();
+        Self::start_in(Netns::create(), options)
+    }
+
+    /// `start`, in `netns`.
+    fn start_in(netns: Netns, options: &[&str]) -> Self {
         let mut command = Command::new("ip");
         command
             .args(["netns", "exec", &netns.name])
@@ -94,6 +99,225 @@ impl Pod {
         self.app.signal(Signal::SIGTERM);
         self.app.expect_exit(SECS(5), "its SIGTERM");
     }
+}
+
+/// A pod of a rollout, replaced once: the kubelet deletes it, then a new one starts at the same
+/// address once the old one has been gone for [`OLD_ADDRESS_DEAD_FOR`].
+struct Replica {
+    server: String,
+    pod: Pod,
+}
+
+/// What the test kubelet runs at deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hooks {
+    /// A native sidecar: `drainit prestop` and the app's `GET /drain/wait` together.
+    Both,
+    /// `drainit prestop` only: the app gets its SIGTERM at once (the baseline that must lose
+    /// requests).
+    DrainitOnly,
+}
+
+const APP_PORT: u16 = 8080;
+const HEALTH_PORT: u16 = 8099;
+/// ~140 requests/s, each on a new connection.
+const STEADY: Arrivals = Arrivals::Fixed(Duration::from_millis(7));
+/// Load before the first pod is deleted (the traffic watcher sizes its quiet period from it).
+const WARMUP: Duration = Duration::from_secs(3);
+/// How long after the deletion the load balancer takes the pod out (as kube-proxy or an
+/// ingress following the endpoints would): the late end of the 0.5-8 s.
+const LB_LAG: Duration = Duration::from_secs(6);
+/// As in tests/watched_drain.rs: longer than HAProxy's retries of a refused connection on the
+/// same server, so that a replacement at the same address cannot hide failures.
+const OLD_ADDRESS_DEAD_FOR: Duration = Duration::from_secs(4);
+
+/// Every replica of a two-pod deployment behind HAProxy under steady load, deleted by the test
+/// kubelet as a native sidecar's pod is (with `hooks`) and replaced, one after the other. HAProxy
+/// checks the app's own `/healthz` (healthy while it drains), so only the runtime API takes a
+/// pod out, `LB_LAG` after its deletion. Returns the load's report.
+fn rollout(label: &str, options: &[&str], hooks: Hooks) -> LoadReport {
+    haproxy_bin();
+    let clock = Clock::new();
+    let mut replicas: Vec<Replica> = ["s1", "s2"]
+        .iter()
+        .map(|server| Replica {
+            server: (*server).to_owned(),
+            pod: Pod::start(options),
+        })
+        .collect();
+    let [frontend] = free_ports();
+    let backends: Vec<Backend> = replicas.iter().map(Replica::backend).collect();
+    let haproxy = Haproxy::start(HealthCheck::AppHealthz, frontend, &backends, &clock);
+    for r in &replicas {
+        haproxy.wait_until_up(&r.server, SECS(15), || r.pod.drainit.proc.output());
+    }
+    let load = Load::start(SocketAddr::from(([127, 0, 0, 1], frontend)), STEADY, &clock);
+    thread::sleep(WARMUP);
+    for _ in 0..replicas.len() {
+        let replica = replicas.remove(0);
+        replicas.push(replica.delete_and_replace(&haproxy, hooks, options, &clock));
+        thread::sleep(Duration::from_millis(500));
+    }
+    let report = load.stop();
+    println!(
+        "==== {label}: drainit sidecar {}; hooks {hooks:?} ====",
+        options.join(" ")
+    );
+    for line in clock.timeline() {
+        println!("  {line}");
+    }
+    println!(
+        "{label}: {} requests, {} failed; latency max {} ms",
+        report.requests,
+        report.failures.len(),
+        report.latency.max.as_millis()
+    );
+    for (_, failure) in report.failures.iter().take(10) {
+        println!("  failure: {failure}");
+    }
+    assert!(report.requests > 1000, "{label}: the load did not run");
+    report
+}
+
+impl Replica {
+    fn backend(&self) -> Backend {
+        Backend {
+            name: self.server.clone(),
+            app: SocketAddr::from((self.pod.netns.ip, APP_PORT)),
+            health_port: HEALTH_PORT,
+        }
+    }
+
+    /// The test kubelet deletes the pod: both preStop hooks at once (or drainit's only); SIGTERM
+    /// to the app when its hook returns, to drainit once the app has exited (drainit exits 0 at
+    /// once). The runtime API takes it out `LB_LAG` after the deletion. Then a new pod.
+    fn delete_and_replace(
+        self,
+        haproxy: &Haproxy,
+        hooks: Hooks,
+        options: &[&str],
+        clock: &Clock,
+    ) -> Self {
+        let Replica { server, mut pod } = self;
+        let deleted = Instant::now();
+        clock.event(format!("{server}: deleted"));
+        let mut prestop = pod.prestop();
+        let mut hook = (hooks == Hooks::Both).then(|| pod.app_hook());
+        let (mut removed, mut app_stopped, mut drainit_stopped) = (None, false, false);
+        loop {
+            if removed.is_none() && deleted.elapsed() >= LB_LAG {
+                haproxy.set_state(&server, "maint");
+                removed = Some(Instant::now());
+                clock.event(format!("{server}: taken out of rotation"));
+            }
+            if !app_stopped && hook.as_ref().is_none_or(|h| h.is_finished()) {
+                if let Some((answer, _)) = hook.take().map(|h| h.join().unwrap()) {
+                    assert_eq!(
+                        answer.map(|(code, _)| code),
+                        Ok(200),
+                        "{server}: the app's hook"
+                    );
+                }
+                pod.app.signal(Signal::SIGTERM);
+                app_stopped = true;
+                clock.event(format!("{server}: SIGTERM to the app"));
+            }
+            if app_stopped && !drainit_stopped && pod.app.try_exit().is_some() {
+                pod.drainit.signal(Signal::SIGTERM);
+                drainit_stopped = true;
+                clock.event(format!("{server}: SIGTERM to drainit"));
+            }
+            if drainit_stopped && removed.is_some() {
+                break;
+            }
+            assert!(
+                deleted.elapsed() < SECS(30),
+                "{server}: not gone 30 s after its deletion:\n{}",
+                pod.drainit.proc.output()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(
+            pod.drainit.exit_code(SECS(5)),
+            0,
+            "{server}: drainit's exit"
+        );
+        assert!(
+            prestop.wait().unwrap().success(),
+            "{server}: drainit prestop failed"
+        );
+        let drain = pod.drainit.event("drain_over");
+        clock.event(format!(
+            "{server}: drain over after {} ms ({})",
+            drain["elapsed_ms"], drain["reason"]
+        ));
+        while removed.unwrap().elapsed() < OLD_ADDRESS_DEAD_FOR {
+            thread::sleep(Duration::from_millis(20));
+        }
+        let Pod {
+            app,
+            drainit,
+            netns,
+        } = pod;
+        drop((app, drainit));
+        let pod = Pod::start_in(netns, options);
+        haproxy.set_state(&server, "ready");
+        haproxy.wait_until_up(&server, SECS(12), || pod.drainit.proc.output());
+        clock.event(format!("{server}: replaced, in rotation again"));
+        Replica { server, pod }
+    }
+}
+
+/// Both hooks, a fixed drain longer than the load balancer's lag: no request lost.
+#[test]
+fn rollout_with_both_hooks_and_a_fixed_drain_loses_no_request() {
+    let report = rollout(
+        "fixed drain",
+        &["--drain-delay", "8s", "--grace-period", "12s"],
+        Hooks::Both,
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} requests failed",
+        report.failures.len()
+    );
+}
+
+/// Both hooks, a watched drain: no request lost, and the drain ends on traffic, not at its max.
+#[test]
+fn rollout_with_both_hooks_and_a_watched_drain_loses_no_request() {
+    let report = rollout(
+        "watched drain",
+        &[
+            "--drain-watch",
+            "traffic",
+            "--drain-max",
+            "15s",
+            "--grace-period",
+            "20s",
+        ],
+        Hooks::Both,
+    );
+    assert!(
+        report.failures.is_empty(),
+        "{} requests failed",
+        report.failures.len()
+    );
+}
+
+/// Without the app's hook the app stops at deletion while the load balancer still sends to it:
+/// requests are lost (the test can fail).
+#[test]
+fn rollout_without_the_apps_hook_loses_requests() {
+    let report = rollout(
+        "no app hook",
+        &["--drain-delay", "8s", "--grace-period", "12s"],
+        Hooks::DrainitOnly,
+    );
+    assert!(
+        !report.failures.is_empty(),
+        "no request failed without the app's hook"
+    );
 }
 
 /// Native sidecar (an init container with restartPolicy: Always): at deletion the kubelet runs
