@@ -268,56 +268,41 @@ impl Replica {
     }
 }
 
-/// Both hooks, a fixed drain longer than the load balancer's lag: no request lost.
-#[test]
-fn rollout_with_both_hooks_and_a_fixed_drain_loses_no_request() {
-    let report = rollout(
-        "fixed drain",
-        &["--drain-delay", "8s", "--grace-period", "12s"],
-        Hooks::Both,
-    );
-    assert!(
-        report.failures.is_empty(),
-        "{} requests failed",
-        report.failures.len()
-    );
+/// A fixed drain longer than the load balancer's lag.
+const FIXED: &str = "--drain-delay 8s --grace-period 12s";
+/// A watched drain, ended a quiet period after the last request.
+const WATCHED: &str = "--drain-watch traffic --drain-max 15s --grace-period 20s";
+
+/// The rollout with drainit's `options` (space-separated) and `hooks`; whether requests were lost.
+fn rollout_lost_requests(label: &str, options: &str, hooks: Hooks) -> bool {
+    let options: Vec<&str> = options.split(' ').collect();
+    let report = rollout(label, &options, hooks);
+    !report.failures.is_empty()
 }
 
-/// Both hooks, a watched drain: no request lost, and the drain ends on traffic, not at its max.
+#[test]
+fn rollout_with_both_hooks_and_a_fixed_drain_loses_no_request() {
+    assert!(!rollout_lost_requests("fixed drain", FIXED, Hooks::Both));
+}
+
 #[test]
 fn rollout_with_both_hooks_and_a_watched_drain_loses_no_request() {
-    let report = rollout(
+    assert!(!rollout_lost_requests(
         "watched drain",
-        &[
-            "--drain-watch",
-            "traffic",
-            "--drain-max",
-            "15s",
-            "--grace-period",
-            "20s",
-        ],
-        Hooks::Both,
-    );
-    assert!(
-        report.failures.is_empty(),
-        "{} requests failed",
-        report.failures.len()
-    );
+        WATCHED,
+        Hooks::Both
+    ));
 }
 
 /// Without the app's hook the app stops at deletion while the load balancer still sends to it:
 /// requests are lost (the test can fail).
 #[test]
 fn rollout_without_the_apps_hook_loses_requests() {
-    let report = rollout(
+    assert!(rollout_lost_requests(
         "no app hook",
-        &["--drain-delay", "8s", "--grace-period", "12s"],
-        Hooks::DrainitOnly,
-    );
-    assert!(
-        !report.failures.is_empty(),
-        "no request failed without the app's hook"
-    );
+        FIXED,
+        Hooks::DrainitOnly
+    ));
 }
 
 /// Native sidecar (an init container with restartPolicy: Always): at deletion the kubelet runs
