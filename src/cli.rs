@@ -48,6 +48,10 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "drainit sidecar [OPTIONS]",
+    mut_arg("command", |arg| arg.hide(true))
+)]
 pub struct SidecarArgs {
     #[command(flatten)]
     pub run: RunArgs,
@@ -110,7 +114,8 @@ pub struct RunArgs {
     pub quiet_period: Option<QuietPeriod>,
 
     /// The app's serving ports, where traffic is observed and, by default, readiness too: ready
-    /// once all of them listen (repeatable) [default: the ports the app's processes listen on].
+    /// once all of them listen (repeatable) [default: the ports the app's processes listen on;
+    /// drainit sidecar: every TCP port listening in the pod but drainit's own].
     #[arg(
         long = "app-port",
         env = "DRAINIT_APP_PORT",
