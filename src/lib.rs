@@ -2,7 +2,8 @@
 //!
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
 //! signal handlers ([`signals`]) so none is lost, bind the probe port ([`probes`]) and the control
-//! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
+//! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]; none for
+//! `drainit sidecar`, whose app is another container of the pod), then hand
 //! everything to the [`supervisor`], which feeds the [`lifecycle`] state machine and carries out
 //! what it decides: reaping ([`reaper`]), draining ([`drain`]), the shutdown budget and the
 //! start-up [`gate`]. The probe port also serves the [`admin`] endpoints.
