@@ -20,7 +20,8 @@ use crate::readiness::{self, ReadinessConfig, SharedCheckLog};
 #[derive(Debug)]
 pub struct Context {
     pub started: Instant,
-    pub app_pid: i32,
+    /// `None` for a sidecar, whose app is another container.
+    pub app_pid: Option<i32>,
     pub readiness: ReadinessConfig,
     pub check_log: SharedCheckLog,
     pub startup_gate: Option<StartupGate>,
@@ -93,14 +94,14 @@ mod tests {
     use std::time::Duration;
 
     use crate::drain::DrainPolicy;
-    use crate::lifecycle::{DrainTrigger, Gate, Shutdown};
+    use crate::lifecycle::{DrainTrigger, Gate, Mode, Shutdown};
 
     const MS: fn(u64) -> Duration = Duration::from_millis;
 
     fn context() -> Context {
         Context {
             started: Instant::now(),
-            app_pid: 42,
+            app_pid: Some(42),
             readiness: ReadinessConfig {
                 check: None,
                 interval: MS(1000),
@@ -123,6 +124,7 @@ mod tests {
                 drain_started: since,
                 kill_at: None,
                 gate: Gate::Open,
+                mode: Mode::Wrapper,
             },
             stop_when_over: false,
         }

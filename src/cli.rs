@@ -24,7 +24,7 @@ use crate::exit::{self, StartupError};
     version,
     args_conflicts_with_subcommands = true,
     args_override_self = true,
-    override_usage = "drainit [OPTIONS] -- <COMMAND> [ARGS]...\n       drainit prestop [--control <ADDR>] [--timeout <DURATION>]"
+    override_usage = "drainit [OPTIONS] -- <COMMAND> [ARGS]...\n       drainit sidecar [OPTIONS]\n       drainit prestop [--control <ADDR>] [--timeout <DURATION>]"
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -41,6 +41,20 @@ pub struct Cli {
 pub enum Command {
     /// Start the drain of the running drainit and wait until it is over (the preStop hook).
     Prestop(PrestopArgs),
+    /// Run with no app, as a sidecar container sharing the app's pod: the same probes and drain,
+    /// started by `drainit prestop` or SIGTERM; the app's preStop hook `GET /drain/wait` holds the
+    /// app until the drain is over. Takes the same options, but no command.
+    Sidecar(Box<SidecarArgs>),
+}
+
+#[derive(Debug, Args)]
+#[command(
+    override_usage = "drainit sidecar [OPTIONS]",
+    mut_arg("command", |arg| arg.hide(true))
+)]
+pub struct SidecarArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// Options of the wrapper itself.
@@ -100,7 +114,8 @@ pub struct RunArgs {
     pub quiet_period: Option<QuietPeriod>,
 
     /// The app's serving ports, where traffic is observed and, by default, readiness too: ready
-    /// once all of them listen (repeatable) [default: the ports the app's processes listen on].
+    /// once all of them listen (repeatable) [default: the ports the app's processes listen on;
+    /// drainit sidecar: every TCP port listening in the pod but drainit's own].
     #[arg(
         long = "app-port",
         env = "DRAINIT_APP_PORT",
@@ -262,11 +277,19 @@ where
         .try_get_matches_from(args)
         .map_err(one_line_error)?;
     let mut cli = Cli::from_arg_matches(&matches).map_err(one_line_error)?;
-    cli.run.from_env = matches
-        .ids()
-        .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::EnvVariable))
-        .map(|id| id.as_str().to_owned())
-        .collect();
+    let from_env = |matches: &clap::ArgMatches| {
+        matches
+            .ids()
+            .filter(|id| matches.value_source(id.as_str()) == Some(ValueSource::EnvVariable))
+            .map(|id| id.as_str().to_owned())
+            .collect()
+    };
+    cli.run.from_env = from_env(&matches);
+    if let (Some(Command::Sidecar(sidecar)), Some(("sidecar", matches))) =
+        (&mut cli.subcommand, matches.subcommand())
+    {
+        sidecar.run.from_env = from_env(matches);
+    }
     Ok(cli)
 }
 
@@ -477,6 +500,25 @@ mod tests {
         };
         assert_eq!(args.timeout, Some(Duration::from_secs(3)));
         assert_eq!(cli.shared.control, "@x".parse().unwrap());
+    }
+
+    #[test]
+    fn sidecar_subcommand_takes_the_run_options() {
+        let cli = parse([
+            "drainit",
+            "sidecar",
+            "--drain-delay",
+            "3s",
+            "--app-port",
+            "8080",
+        ])
+        .unwrap();
+        let Some(Command::Sidecar(args)) = cli.subcommand else {
+            panic!("expected sidecar");
+        };
+        assert_eq!(args.run.drain_delay, Some(Duration::from_secs(3)));
+        assert_eq!(args.run.app_ports, [8080]);
+        assert!(args.run.command.is_empty());
     }
 
     #[test]

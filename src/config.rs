@@ -14,6 +14,7 @@ use crate::drain::traffic::QuietPeriod;
 use crate::drain::{DEFAULT_LB_UNHEALTHY_THRESHOLD, DrainPolicy, WatchedDrain, Watcher};
 use crate::exit::StartupError;
 use crate::gate::StartupGate;
+use crate::lifecycle::Mode;
 use crate::readiness::{AppCheck, ReadinessConfig, TcpOption};
 
 /// How long the start-up gate waits for load balancers by default: two checks at AWS ALB's
@@ -26,7 +27,8 @@ const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub command: AppCommand,
+    /// The app to run; `None` for `drainit sidecar`, whose app is another container.
+    pub command: Option<AppCommand>,
     pub health_listen: SocketAddr,
     pub drain: DrainPolicy,
     pub budget: Budget,
@@ -43,18 +45,52 @@ pub struct RunConfig {
 
 impl RunConfig {
     pub fn from_args(args: RunArgs) -> Result<Self, StartupError> {
-        let drain = drain_policy(&args)?;
+        let mut config = Self::checked(&args)?;
+        config.command = Some(AppCommand::from_argv(args.command)?);
+        Ok(config)
+    }
+
+    /// `drainit sidecar`: the same options, with no app to run, signal or kill.
+    pub fn sidecar_from_args(args: RunArgs) -> Result<Self, StartupError> {
+        if let Some(program) = args.command.first() {
+            return Err(StartupError::usage(format!(
+                "drainit sidecar runs no app, but got '{}' after --: drop the command (the app runs in its own container), or run drainit [OPTIONS] -- {0} as the app's ENTRYPOINT",
+                program.to_string_lossy()
+            )));
+        }
+        let wrapper_only = [
+            ("--stop-signal", args.stop_signal != nix::libc::SIGTERM),
+            ("--group", args.group),
+        ];
+        refuse_stray(
+            &args,
+            &wrapper_only,
+            "drainit -- app, not drainit sidecar (the kubelet stops the app's container)",
+        )?;
+        Self::checked(&args)
+    }
+
+    pub fn mode(&self) -> Mode {
+        match self.command {
+            Some(_) => Mode::Wrapper,
+            None => Mode::Sidecar,
+        }
+    }
+
+    /// Everything but the command, checked as a whole.
+    fn checked(args: &RunArgs) -> Result<Self, StartupError> {
+        let drain = drain_policy(args)?;
         let budget = Budget::new(
             args.grace_period,
             drain.longest(),
-            &longest_drain_flag(&args),
+            &longest_drain_flag(args),
         )?;
-        let app_ports = app_ports(&args)?;
-        let readiness = readiness(&args)?;
-        let startup_gate = startup_gate(&args)?;
-        let lb_sources = lb_sources(&args, &drain, startup_gate.is_some())?;
+        let app_ports = app_ports(args)?;
+        let readiness = readiness(args)?;
+        let startup_gate = startup_gate(args)?;
+        let lb_sources = lb_sources(args, &drain, startup_gate.is_some())?;
         Ok(Self {
-            command: AppCommand::from_argv(args.command)?,
+            command: None,
             health_listen: args.health_listen,
             drain,
             budget,

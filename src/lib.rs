@@ -2,7 +2,8 @@
 //!
 //! Start-up, in order: parse and check the command line ([`cli`], [`config`], [`budget`]), install
 //! signal handlers ([`signals`]) so none is lost, bind the probe port ([`probes`]) and the control
-//! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]), then hand
+//! socket ([`control`]) so a taken one fails before the app runs, spawn the app ([`app`]; none for
+//! `drainit sidecar`, whose app is another container of the pod), then hand
 //! everything to the [`supervisor`], which feeds the [`lifecycle`] state machine and carries out
 //! what it decides: reaping ([`reaper`]), draining ([`drain`]), the shutdown budget and the
 //! start-up [`gate`]. The probe port also serves the [`admin`] endpoints.
@@ -41,9 +42,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use nix::unistd::Pid;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tracing::error;
+use tracing::{error, info};
 
 use crate::app::App;
 use crate::cli::{Cli, Command, SharedArgs};
@@ -66,6 +68,9 @@ pub fn main() -> ExitCode {
 
 /// How long drainit waits at exit for a stuck stderr to take its last log lines.
 const LAST_LINES_WAIT: Duration = Duration::from_millis(500);
+
+/// How long drainit waits at exit for `/drain/wait` clients to get their answer.
+const WAITERS_ANSWER_WAIT: Duration = Duration::from_millis(500);
 
 fn parse_and_run() -> u8 {
     let cli = match cli::parse(std::env::args_os()) {
@@ -111,6 +116,8 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
         Some(Command::Prestop(args)) => {
             Ok(runtime.block_on(prestop::run(&shared.control, args.timeout)))
         }
+        Some(Command::Sidecar(args)) => RunConfig::sidecar_from_args(args.run)
+            .and_then(|config| runtime.block_on(supervise(config, shared))),
         None => {
             RunConfig::from_args(run).and_then(|config| runtime.block_on(supervise(config, shared)))
         }
@@ -136,8 +143,20 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let control = shared.control.bind()?;
     Reaper::adopt_orphans();
     let reaper = Reaper::default();
-    let app = App::spawn(&config.command, config.forward_to_group)
-        .inspect_err(|_| shared.control.remove_socket_file())?;
+    let app = match &config.command {
+        Some(command) => Some(
+            App::spawn(command, config.forward_to_group)
+                .inspect_err(|_| shared.control.remove_socket_file())?,
+        ),
+        None => {
+            info!(
+                event = "sidecar_started",
+                "sidecar mode: no app to run; the drain starts with drainit prestop or SIGTERM"
+            );
+            None
+        }
+    };
+    let app_pid = app.map(|app| app.pid);
     probes::announce(&probes);
 
     let metrics = Arc::new(Metrics::new());
@@ -148,11 +167,11 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     let mut lifecycle = Lifecycle::new(gate);
     let phase = lifecycle.subscribe();
     metrics.read_phase_from(move || phase.borrow().kind());
-    let observers = observe_traffic(&config, app, &probes, &lifecycle, metrics.clone());
+    let observers = observe_traffic(&config, app_pid, &probes, &lifecycle, metrics.clone());
     let (verdicts, readiness) = mpsc::channel(8);
     let check_log = watch_readiness(
         &config,
-        app,
+        app_pid,
         &probes,
         &mut lifecycle,
         &reaper,
@@ -170,14 +189,16 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         ));
     }
     let (drain_tx, drain_rx) = mpsc::channel(8);
+    let waiters = Arc::new(probes::drain_wait::Waiters::default());
     let context = probes::Context {
         checker_recorded,
         metrics: metrics.clone(),
         lb_sources: config.lb_sources.clone(),
+        waiters: waiters.clone(),
     };
     let admin = admin::Context {
         started,
-        app_pid: app.pid.as_raw(),
+        app_pid: app_pid.map(Pid::as_raw),
         readiness: config.readiness.clone(),
         check_log,
         startup_gate: config.startup_gate,
@@ -199,6 +220,8 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         readiness,
     };
     let code = supervisor.run(inputs).await;
+    // The app's preStop hook waits on /drain/wait for the end drainit has just reached.
+    waiters.answered(WAITERS_ANSWER_WAIT).await;
     shared.control.remove_socket_file();
     Ok(code)
 }
@@ -207,7 +230,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
 /// is nothing to wait for and the app is ready at once, before the first probe can arrive.
 fn watch_readiness(
     config: &RunConfig,
-    app: App,
+    app: Option<Pid>,
     probes: &TcpListener,
     lifecycle: &mut Lifecycle,
     reaper: &Reaper,
@@ -221,7 +244,7 @@ fn watch_readiness(
         return check_log;
     };
     let probes = probes.local_addr().unwrap_or(config.health_listen);
-    let running = RunningCheck::new(check, reaper.waiters(), app.pid, probes);
+    let running = RunningCheck::new(check, reaper.waiters(), app, probes);
     let metrics = metrics.clone();
     tokio::spawn(readiness::run(
         running,
@@ -238,7 +261,7 @@ fn watch_readiness(
 /// drain is what sizes the quiet period, and late arrivals are worth knowing in every mode.
 fn observe_traffic(
     config: &RunConfig,
-    app: App,
+    app: Option<Pid>,
     probes: &TcpListener,
     lifecycle: &Lifecycle,
     metrics: Arc<Metrics>,
@@ -257,7 +280,7 @@ fn observe_traffic(
     };
     tokio::spawn(traffic::monitor(
         observers.traffic.clone(),
-        app.pid,
+        app,
         config.app_ports.clone(),
         own_port,
         lifecycle.subscribe(),

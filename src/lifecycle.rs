@@ -30,6 +30,14 @@ pub enum DrainTrigger {
     Prestop,
 }
 
+/// What drainit runs beside: its own child (`drainit -- app`), or nothing (`drainit sidecar`: the
+/// app is another container of the pod, which the kubelet stops; drainit only drains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Wrapper,
+    Sidecar,
+}
+
 /// The start-up gate (`--ready-after-lb-probes`): whether it still holds the kubelet back from a
 /// ready app. It opens once, for good: the kubelet's view must not flap with the load balancers'.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +55,8 @@ pub struct Shutdown {
     pub kill_at: Option<Instant>,
     /// The start-up gate as the drain found it (for `/status`).
     pub gate: Gate,
+    /// A sidecar has no app to stop or kill: its drain's end is its own.
+    pub mode: Mode,
 }
 
 /// The lifecycle: what the channel publishes.
@@ -65,14 +75,16 @@ pub enum State {
         shutdown: Shutdown,
         stop_when_over: bool,
     },
-    /// A prestop drain is over; the app runs until the kubelet's SIGTERM, or `handoff_by`.
+    /// A prestop drain is over; the app runs until the kubelet's SIGTERM, or `handoff_by` (a
+    /// sidecar has none: the kubelet stops the app, and drainit after it).
     Drained {
         shutdown: Shutdown,
-        handoff_by: Instant,
+        handoff_by: Option<Instant>,
     },
     /// The app has been told to stop (its stop signal, or an operator's SIGINT or SIGQUIT) `since`.
     Stopping { shutdown: Shutdown, since: Instant },
-    /// The app is gone; drainit exits with `code`.
+    /// The app is gone (or, for a sidecar, its drain is over and SIGTERM came); drainit exits
+    /// with `code`.
     Exited {
         code: u8,
         drain_started: Option<Instant>,
@@ -105,6 +117,7 @@ pub enum Event {
     /// SIGINT or SIGQUIT: an operator's "now".
     Interrupt {
         signal: i32,
+        mode: Mode,
     },
     /// The drain under way is over (the supervisor holds its end and evidence).
     DrainOver,
@@ -127,6 +140,7 @@ pub struct DrainFacts {
     pub had_traffic: bool,
     /// The shutdown budget: from the start of the drain to the kill.
     pub kill_after: Duration,
+    pub mode: Mode,
 }
 
 /// Why the start-up gate opened.
@@ -183,6 +197,10 @@ pub enum Note {
     SigtermIgnoredStopping,
     DrainInterrupted { signal: i32 },
     WaitingForSigterm,
+    SidecarSigtermDuringPrestop,
+    SidecarWaitingForSigterm,
+    SidecarDone,
+    SidecarInterrupted { signal: i32 },
     HandoffTimedOut,
     Gate(GateVerdict),
 }
@@ -222,7 +240,7 @@ pub fn step(state: State, event: Event, now: Instant) -> (State, Vec<Action>) {
         (Draining { .. } | Drained { .. } | Stopping { .. }, Event::Sigterm(_)) => {
             sigterm_again(state, now)
         }
-        (_, Event::Interrupt { signal }) => interrupt(state, signal, now),
+        (_, Event::Interrupt { signal, mode }) => interrupt(state, signal, mode, now),
         (
             Draining {
                 trigger,
@@ -241,7 +259,9 @@ pub fn step(state: State, event: Event, now: Instant) -> (State, Vec<Action>) {
                 handoff_by,
             },
             Event::HandoffDue,
-        ) if now >= handoff_by => stop(shutdown, now, [Action::Log(Note::HandoffTimedOut)]),
+        ) if handoff_by.is_some_and(|by| now >= by) => {
+            stop(shutdown, now, [Action::Log(Note::HandoffTimedOut)])
+        }
         (mut state, Event::BudgetSpent) if state.kill_at().is_some_and(|at| now >= at) => {
             if let Some(shutdown) = state.shutdown_mut() {
                 shutdown.kill_at = None;
@@ -267,9 +287,11 @@ fn start_drain(
         trigger,
         shutdown: Shutdown {
             drain_started: now,
-            // Cannot overflow: durations are capped when parsed (`cli::MAX_DURATION`).
-            kill_at: Some(now + facts.kill_after),
+            // Cannot overflow: durations are capped when parsed (`cli::MAX_DURATION`). A sidecar
+            // kills nothing: the kubelet owns the app's container.
+            kill_at: (facts.mode == Mode::Wrapper).then(|| now + facts.kill_after),
             gate: state.gate(),
+            mode: facts.mode,
         },
         stop_when_over: false,
     };
@@ -281,17 +303,36 @@ fn start_drain(
 }
 
 /// The drain's end is reported; the app is stopped, or after a prestop drain with no SIGTERM yet,
-/// waits for the kubelet's (`stop_now` says which).
+/// waits for the kubelet's (`stop_now` says which). A sidecar has no app to stop: with SIGTERM
+/// in, it is done (exit 0); without, it keeps answering until the kubelet's SIGTERM, which comes
+/// once the app has exited, however long that takes (no handoff deadline).
 fn drain_over(stop_now: bool, shutdown: Shutdown, now: Instant) -> (State, Vec<Action>) {
-    if stop_now {
-        return stop(shutdown, now, [Action::ReportDrainEnd]);
+    match (shutdown.mode, stop_now) {
+        (Mode::Wrapper, true) => stop(shutdown, now, [Action::ReportDrainEnd]),
+        (Mode::Sidecar, true) => sidecar_done(shutdown, [Action::ReportDrainEnd]),
+        (mode, false) => {
+            let (handoff_by, note) = match mode {
+                Mode::Wrapper => (Some(now + PRESTOP_HANDOFF), Note::WaitingForSigterm),
+                Mode::Sidecar => (None, Note::SidecarWaitingForSigterm),
+            };
+            let drained = State::Drained {
+                shutdown,
+                handoff_by,
+            };
+            (drained, vec![Action::ReportDrainEnd, Action::Log(note)])
+        }
     }
-    let drained = State::Drained {
-        shutdown,
-        handoff_by: now + PRESTOP_HANDOFF,
+}
+
+/// A sidecar's drain is over and SIGTERM has come: drainit exits 0.
+fn sidecar_done<const N: usize>(shutdown: Shutdown, before: [Action; N]) -> (State, Vec<Action>) {
+    let mut actions = Vec::from(before);
+    actions.push(Action::Log(Note::SidecarDone));
+    let exited = State::Exited {
+        code: 0,
+        drain_started: Some(shutdown.drain_started),
     };
-    let actions = vec![Action::ReportDrainEnd, Action::Log(Note::WaitingForSigterm)];
-    (drained, actions)
+    (exited, actions)
 }
 
 /// SIGTERM once the drain has started: after a prestop drain it is the kubelet's go-ahead.
@@ -308,19 +349,35 @@ fn sigterm_again(state: State, now: Instant) -> (State, Vec<Action>) {
                 shutdown,
                 stop_when_over: true,
             },
-            note(Note::SigtermDuringPrestop),
+            note(match shutdown.mode {
+                Mode::Wrapper => Note::SigtermDuringPrestop,
+                Mode::Sidecar => Note::SidecarSigtermDuringPrestop,
+            }),
         ),
         State::Draining { .. } => (state, note(Note::SigtermIgnoredDraining)),
-        State::Drained { shutdown, .. } => {
-            stop(shutdown, now, [Action::Log(Note::SigtermAfterPrestop)])
-        }
+        State::Drained { shutdown, .. } => match shutdown.mode {
+            Mode::Wrapper => stop(shutdown, now, [Action::Log(Note::SigtermAfterPrestop)]),
+            Mode::Sidecar => sidecar_done(shutdown, []),
+        },
         _ => (state, note(Note::SigtermIgnoredStopping)),
     }
 }
 
 /// SIGINT and SIGQUIT end a drain early and reach the app as is; the drain's evidence is reported
-/// once (a drain already over has reported it).
-fn interrupt(state: State, signal: i32, now: Instant) -> (State, Vec<Action>) {
+/// once (a drain already over has reported it). A sidecar has no app to reach: it exits at once,
+/// with 128 + the signal, as a process stopped by it would.
+fn interrupt(state: State, signal: i32, mode: Mode, now: Instant) -> (State, Vec<Action>) {
+    if mode == Mode::Sidecar {
+        let mut actions = vec![Action::Log(Note::SidecarInterrupted { signal })];
+        if state.kind() == PhaseKind::Draining {
+            actions.push(Action::InterruptDrain);
+        }
+        let exited = State::Exited {
+            code: 128u8.saturating_add(u8::try_from(signal).unwrap_or(0)),
+            drain_started: state.drain_started(),
+        };
+        return (exited, actions);
+    }
     let (shutdown, cut_short) = match state {
         State::Draining { shutdown, .. } => (shutdown, vec![Action::InterruptDrain]),
         State::Drained { shutdown, .. } => (shutdown, Vec::new()),
@@ -426,7 +483,7 @@ impl State {
     /// drain.
     pub fn handoff_by(&self) -> Option<Instant> {
         match *self {
-            State::Drained { handoff_by, .. } => Some(handoff_by),
+            State::Drained { handoff_by, .. } => handoff_by,
             _ => None,
         }
     }
@@ -461,6 +518,18 @@ impl State {
             | State::Drained { shutdown, .. }
             | State::Stopping { shutdown, .. } => Some(shutdown),
             _ => None,
+        }
+    }
+
+    /// The phase as the app's traffic sees it: once a sidecar's drain is over, the app's own
+    /// preStop hook (`GET /drain/wait`) returns and the kubelet stops it, so arrivals from then on
+    /// are late as after a wrapper's stop signal.
+    pub fn traffic_phase(&self) -> PhaseKind {
+        match self {
+            State::Drained { shutdown, .. } if shutdown.mode == Mode::Sidecar => {
+                PhaseKind::Stopping
+            }
+            _ => self.kind(),
         }
     }
 
@@ -576,6 +645,18 @@ impl Note {
                 "waiting_for_sigterm",
                 "waiting for the kubelet's SIGTERM to stop the app",
             ),
+            Note::SidecarSigtermDuringPrestop => (
+                "sigterm_during_prestop",
+                "SIGTERM during the prestop drain: drainit exits when the drain is over",
+            ),
+            Note::SidecarWaitingForSigterm => (
+                "waiting_for_sigterm",
+                "drain over: /ready stays 503 until the kubelet's SIGTERM (after the app exits)",
+            ),
+            Note::SidecarDone => (
+                "sidecar_done",
+                "drain over and SIGTERM received: the sidecar exits",
+            ),
             _ => return None,
         })
     }
@@ -592,6 +673,12 @@ impl Note {
                 signal = signals::name(*signal),
                 elapsed_ms,
                 "drain cut short: forwarding to the app now"
+            ),
+            Note::SidecarInterrupted { signal } => info!(
+                event = "sidecar_interrupted",
+                signal = signals::name(*signal),
+                elapsed_ms,
+                "interrupted: the sidecar exits now (the app is the kubelet's to stop)"
             ),
             Note::HandoffTimedOut => warn!(
                 event = "handoff_timed_out",

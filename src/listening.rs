@@ -49,7 +49,9 @@ type Look = JoinHandle<(Option<TcpSampler>, Sighting)>;
 pub struct ListenCheck {
     /// `--app-port`: these must listen. Empty: the ports the app's processes listen on.
     given: Vec<u16>,
-    app: Pid,
+    /// `None`: a sidecar, with no app process to scope to: every listener of the network
+    /// namespace but drainit's own is the app's.
+    app: Option<Pid>,
     /// drainit's own probe port: never the app's.
     own_port: u16,
     /// drainit's probes listen on loopback only (a run on a workstation, a test): the app's
@@ -70,7 +72,7 @@ pub struct ListenCheck {
 
 impl ListenCheck {
     /// `probes` is where drainit's own probe server listens.
-    pub fn new(given: Vec<u16>, app: Pid, probes: SocketAddr) -> Self {
+    pub fn new(given: Vec<u16>, app: Option<Pid>, probes: SocketAddr) -> Self {
         Self {
             given,
             app,
@@ -121,8 +123,13 @@ impl ListenCheck {
                 let now: HashSet<&Listener> = listeners.iter().collect();
                 !known.is_empty() && known.iter().all(|socket| now.contains(socket))
             };
-            let app = (read_app_sockets && (due || !still_listening))
-                .then(|| tcp::listening_sockets_of_tree(app, &listeners));
+            let app = (read_app_sockets && (due || !still_listening)).then(|| match app {
+                Some(app) => tcp::listening_sockets_of_tree(app, &listeners),
+                None => TreeSockets {
+                    sockets: listeners.clone(),
+                    unreadable: Vec::new(),
+                },
+            });
             (sampler, Sighting { app, listeners })
         })
     }
@@ -244,7 +251,7 @@ mod tests {
     }
 
     fn check(given: &[u16]) -> ListenCheck {
-        ListenCheck::new(given.to_vec(), Pid::from_raw(1), probes())
+        ListenCheck::new(given.to_vec(), Some(Pid::from_raw(1)), probes())
     }
 
     fn listener(port: u16, loopback: bool) -> Listener {
@@ -369,11 +376,11 @@ mod tests {
         assert!(why.contains("listens only on loopback"), "{why}");
         assert!(why.ends_with("give --app-port 5000"), "{why}");
         // A proxy in the pod forwards to it: the user says so.
-        let mut given = ListenCheck::new(vec![5000], Pid::from_raw(1), probes());
+        let mut given = ListenCheck::new(vec![5000], Some(Pid::from_raw(1)), probes());
         assert!(given.judge(sighting(), Instant::now()).is_ok());
         // drainit's own probes on loopback: a workstation, where loopback is all there is.
         let local = SocketAddr::from(([127, 0, 0, 1], OWN));
-        let mut local = ListenCheck::new(Vec::new(), Pid::from_raw(1), local);
+        let mut local = ListenCheck::new(Vec::new(), Some(Pid::from_raw(1)), local);
         assert!(local.judge(sighting(), Instant::now()).is_ok());
     }
 
@@ -419,7 +426,7 @@ mod tests {
             .build()
             .unwrap();
         let me = Pid::from_raw(std::process::id() as i32);
-        let mut check = ListenCheck::new(Vec::new(), me, probes());
+        let mut check = ListenCheck::new(Vec::new(), Some(me), probes());
         let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let verdict = runtime.block_on(check.run(Duration::from_secs(5))).unwrap();

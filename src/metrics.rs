@@ -40,6 +40,7 @@ use prometheus_client::registry::Registry;
 use crate::checkers::CheckerKind;
 use crate::drain::EndReason;
 use crate::lifecycle::PhaseKind;
+use crate::probes::drain_wait;
 use crate::readiness::{CheckKind, Verdict};
 use crate::signals;
 
@@ -135,6 +136,12 @@ pub struct Metrics {
     app_checks: Family<CheckLabels, Counter>,
     app_check_duration: Family<KindLabels, Histogram>,
     late_arrivals: Counter,
+    drain_waits: Family<OutcomeLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: Label,
 }
 
 impl Default for Metrics {
@@ -171,7 +178,11 @@ impl Metrics {
             app_checks: Family::default(),
             app_check_duration: Family::new_with_constructor(|| Histogram::new(CHECK_BUCKETS)),
             late_arrivals: Counter::default(),
+            drain_waits: Family::default(),
         };
+        for outcome in drain_wait::Outcome::ALL {
+            metrics.drain_wait_series(outcome);
+        }
         metrics.show_phase(PhaseKind::Starting);
         // Each reason has a series from start-up on, so `increase()` sees the first drain.
         for reason in EndReason::ALL {
@@ -238,6 +249,11 @@ impl Metrics {
             "drainit_late_arrivals",
             "Requests that reached the app after its stop signal",
             metrics.late_arrivals.clone(),
+        );
+        registry.register(
+            "drainit_drain_waits",
+            "GET /drain/wait requests ended, by outcome (over, no_drain, refused, gone)",
+            metrics.drain_waits.clone(),
         );
         registry.register(
             "drainit_log_lines_dropped",
@@ -314,6 +330,19 @@ impl Metrics {
                 result: Cow::Borrowed(result.label()),
             })
             .inc();
+    }
+
+    /// A `GET /drain/wait` ended: `drainit_drain_waits_total{outcome}`.
+    pub fn drain_wait(&self, outcome: drain_wait::Outcome) {
+        self.drain_wait_series(outcome).inc();
+    }
+
+    fn drain_wait_series(&self, outcome: drain_wait::Outcome) -> Counter {
+        self.drain_waits
+            .get_or_create(&OutcomeLabels {
+                outcome: Cow::Borrowed(outcome.label()),
+            })
+            .clone()
     }
 
     /// Requests that reached the app after its stop signal: `drainit_late_arrivals_total`. A

@@ -38,8 +38,10 @@ use crate::metrics::Metrics;
 use crate::throttle::Throttle;
 
 use self::connections::{Registry, SharedRegistry};
+use self::drain_wait::Waiters;
 
 pub mod connections;
+pub mod drain_wait;
 
 /// The most a request's start line and headers may take: a probe needs a few hundred bytes.
 /// Larger requests get 431 and the connection is closed.
@@ -103,6 +105,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// `--lb-source`: only clients from these ranges can be load balancers; empty: anyone.
     pub lb_sources: Vec<Cidr>,
+    /// `GET /drain/wait` clients waiting for the drain's end.
+    pub waiters: Arc<Waiters>,
 }
 
 impl Context {
@@ -223,9 +227,27 @@ impl Connection {
     /// (in the boxed rest) come with its first byte. Its time to speak is kept by the registry.
     async fn serve_once_it_speaks(self) {
         // A byte, not readiness: readiness can be reported before there is anything.
-        if matches!(self.stream.peek(&mut [0u8; 1]).await, Ok(1)) {
-            Box::pin(self.serve_requests()).await;
+        if !matches!(self.stream.peek(&mut [0u8; 1]).await, Ok(1)) {
+            return;
         }
+        match drain_wait_head(&self.stream) {
+            Some(head) => Box::pin(self.wait_for_drain_end(head)).await,
+            None => Box::pin(self.serve_requests()).await,
+        }
+    }
+
+    /// `GET /drain/wait`, served apart from hyper so that a waiter holds no buffers.
+    async fn wait_for_drain_end(self, head: usize) {
+        let server = self.server;
+        connections::lock(&server.registry).park(self.id, Instant::now());
+        let outcome = drain_wait::serve(
+            self.stream,
+            head,
+            server.state.clone(),
+            server.context.waiters.clone(),
+        )
+        .await;
+        server.context.metrics.drain_wait(outcome);
     }
 
     async fn serve_requests(self) {
@@ -269,11 +291,25 @@ impl Connection {
     }
 }
 
+/// The length of the request head if what the client has sent so far is a whole
+/// `GET /drain/wait` request (peeked: nothing is consumed).
+fn drain_wait_head(stream: &TcpStream) -> Option<usize> {
+    let mut head = [0u8; MAX_HEADER_BYTES];
+    let peeked = peek_head(stream, &mut head);
+    drain_wait::request_head(&head[..peeked])
+}
+
 /// Whether what the client has sent so far holds a whole request head: a probe sends its
 /// request in one go, a slow client (slowloris, endless headers) does not. Peeked, so hyper
 /// still reads it all.
 fn request_head_is_complete(stream: &TcpStream) -> bool {
     let mut head = [0u8; MAX_HEADER_BYTES];
+    let peeked = peek_head(stream, &mut head);
+    head[..peeked].windows(4).any(|w| w == b"\r\n\r\n")
+}
+
+/// Copies what the client has sent so far into `head`, leaving it in the socket; how much.
+fn peek_head(stream: &TcpStream, head: &mut [u8]) -> usize {
     // SAFETY: recv writes at most head.len() bytes into `head`, which we own; MSG_PEEK leaves
     // them in the socket and MSG_DONTWAIT never blocks the thread.
     let peeked = unsafe {
@@ -284,7 +320,7 @@ fn request_head_is_complete(stream: &TcpStream) -> bool {
             nix::libc::MSG_PEEK | nix::libc::MSG_DONTWAIT,
         )
     };
-    usize::try_from(peeked).is_ok_and(|n| head[..n].windows(4).any(|w| w == b"\r\n\r\n"))
+    usize::try_from(peeked).unwrap_or(0)
 }
 
 /// Answers one request: a read of an admin endpoint from [`admin`], anything else as a probe
@@ -398,6 +434,12 @@ fn answer(
     let (probe, healthy) = match path {
         "/alive" => ("alive", phase.is_alive()),
         "/ready" => ("ready", phase.is_ready()),
+        drain_wait::PATH => {
+            return plain(
+                StatusCode::BAD_REQUEST,
+                "GET /drain/wait waits only for a whole request with no body, sent at once (as the kubelet's httpGet hook sends it)\n",
+            );
+        }
         _ => {
             return plain(
                 StatusCode::NOT_FOUND,

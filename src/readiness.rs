@@ -184,7 +184,7 @@ pub struct RunningCheck {
 impl RunningCheck {
     /// `app` and `probes` (where drainit's probe server listens) tell the app's listeners from
     /// others.
-    pub fn new(check: AppCheck, waiters: Waiters, app: Pid, probes: SocketAddr) -> Self {
+    pub fn new(check: AppCheck, waiters: Waiters, app: Option<Pid>, probes: SocketAddr) -> Self {
         let given = match &check {
             AppCheck::Listen(ports) => ports.clone(),
             _ => Vec::new(),

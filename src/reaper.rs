@@ -78,11 +78,12 @@ impl Reaper {
     }
 
     /// Collects every child that has exited, without blocking; returns the one that is `app`,
-    /// if it is among them. Called on each SIGCHLD (signals coalesce: one may stand for many).
-    pub fn reap(&mut self, app: Pid) -> Option<Reaped> {
+    /// if it is among them (a sidecar has none). Called on each SIGCHLD (signals coalesce: one
+    /// may stand for many).
+    pub fn reap(&mut self, app: Option<Pid>) -> Option<Reaped> {
         let mut app_exit = None;
         while let Some(reaped) = reap_one() {
-            if reaped.pid == app {
+            if Some(reaped.pid) == app {
                 app_exit = Some(reaped);
             } else if !self.waiters.deliver(reaped) {
                 self.orphans_reaped += 1;

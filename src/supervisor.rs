@@ -22,7 +22,7 @@ use crate::app::App;
 use crate::budget::Budget;
 use crate::config::RunConfig;
 use crate::drain::{DrainEnd, DrainPolicy, EndReason, Observers, traffic};
-use crate::lifecycle::{Action, DrainFacts, DrainTrigger, Event, Lifecycle, State};
+use crate::lifecycle::{Action, DrainFacts, DrainTrigger, Event, Lifecycle, Mode, State};
 use crate::metrics::Metrics;
 use crate::reaper::Reaper;
 use crate::signals::{self, Meaning};
@@ -39,7 +39,9 @@ pub struct Inputs {
 }
 
 pub struct Supervisor {
-    app: App,
+    /// `None` for a sidecar: its app is another container, the kubelet's to stop.
+    app: Option<App>,
+    mode: Mode,
     lifecycle: Lifecycle,
     reaper: Reaper,
     drain_policy: DrainPolicy,
@@ -55,7 +57,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     pub fn new(
-        app: App,
+        app: Option<App>,
         lifecycle: Lifecycle,
         reaper: Reaper,
         observers: Observers,
@@ -64,6 +66,7 @@ impl Supervisor {
     ) -> Self {
         Self {
             app,
+            mode: config.mode(),
             lifecycle,
             reaper,
             drain_policy: config.drain.clone(),
@@ -76,7 +79,8 @@ impl Supervisor {
         }
     }
 
-    /// Runs until the app has exited; returns drainit's exit code (the app's).
+    /// Runs until the app has exited (a sidecar: until its drain is over and SIGTERM came);
+    /// returns drainit's exit code (the app's; a sidecar's own).
     pub async fn run(mut self, inputs: Inputs) -> u8 {
         let Inputs {
             mut signals,
@@ -128,7 +132,7 @@ impl Supervisor {
             Action::InterruptDrain => self.interrupt_drain(),
             Action::Forward(signal) => self.forward(signal),
             Action::SendStopSignal => self.stop_app(),
-            Action::Resume => self.app.resume(),
+            Action::Resume => self.with_app(App::resume),
             Action::KillGroup => self.kill_group(),
             Action::AppGone {
                 code,
@@ -146,7 +150,10 @@ impl Supervisor {
                 self.reap();
             }
             Meaning::Drain => self.handle(Event::Sigterm(self.drain_facts())),
-            Meaning::Interrupt(signal) => self.handle(Event::Interrupt { signal }),
+            Meaning::Interrupt(signal) => self.handle(Event::Interrupt {
+                signal,
+                mode: self.mode,
+            }),
             Meaning::Forward(signal) => self.forward(signal),
         }
     }
@@ -158,13 +165,14 @@ impl Supervisor {
                 .last_activity
                 .is_some(),
             kill_after: self.budget.kill_after(),
+            mode: self.mode,
         }
     }
 
     /// Collects every exited child; returns whether the app was one of them.
     fn reap(&mut self) -> bool {
         let orphans_before = self.reaper.orphans_reaped();
-        let app_exit = self.reaper.reap(self.app.pid);
+        let app_exit = self.reaper.reap(self.app.map(|app| app.pid));
         self.metrics
             .zombies_reaped(self.reaper.orphans_reaped() - orphans_before);
         if let Some(exit) = &app_exit {
@@ -185,18 +193,27 @@ impl Supervisor {
             "forwarding signal to the app"
         );
         self.metrics.signal_forwarded(signal);
-        self.app.forward(signal);
+        self.with_app(|app| app.forward(signal));
+    }
+
+    /// Does `what` to the app; a sidecar has none (its lifecycle never asks).
+    fn with_app(&self, what: impl FnOnce(&App)) {
+        if let Some(app) = &self.app {
+            what(app);
+        }
     }
 
     fn start_drain(&mut self, trigger: DrainTrigger, never_ready: bool) {
         let state = self.lifecycle.state();
-        let (Some(started), Some(kill_at)) = (state.drain_started(), state.kill_at()) else {
+        let Some(started) = state.drain_started() else {
             return;
         };
+        // A sidecar kills nothing: no kill deadline.
+        let kill_after = state.kill_at().map(|kill_at| kill_at - started);
         info!(event = "drain_started",
             trigger = %trigger,
             drain_ms = self.drain_policy.longest().as_millis() as u64,
-            kill_after_ms = (kill_at - started).as_millis() as u64,
+            kill_after_ms = kill_after.map(|after| after.as_millis() as u64),
             elapsed_ms = 0u64,
             "drain started: /ready answers 503, the app keeps serving"
         );
@@ -252,8 +269,10 @@ impl Supervisor {
             elapsed_ms = self.elapsed_ms(),
             "sending the stop signal to the app"
         );
-        self.app.forward(self.stop_signal);
-        self.app.resume();
+        self.with_app(|app| {
+            app.forward(self.stop_signal);
+            app.resume();
+        });
     }
 
     fn on_budget_spent(&mut self) {
@@ -267,7 +286,7 @@ impl Supervisor {
         warn!(
             event = "budget_kill",
             elapsed_ms = self.elapsed_ms(),
-            pgid = self.app.pid.as_raw(),
+            pgid = self.app.map(|app| app.pid.as_raw()),
             "shutdown budget spent (grace period - 1s): SIGKILL to the app's process group"
         );
         let open = traffic::lock(&self.observers.traffic).open_connections;
@@ -278,7 +297,7 @@ impl Supervisor {
                 "connections to the app still open when it was killed"
             );
         }
-        self.app.kill_group();
+        self.with_app(App::kill_group);
         self.metrics.budget_kill();
     }
 
@@ -311,9 +330,11 @@ impl Supervisor {
                 "app exited"
             ),
         }
-        let (app, reaper) = (self.app, &mut self.reaper);
+        let (Some(app), reaper) = (self.app, &mut self.reaper) else {
+            return;
+        };
         if app.kill_leftovers(&reaper.waiters().pids(), || {
-            reaper.reap(app.pid);
+            reaper.reap(Some(app.pid));
         }) {
             warn!(
                 event = "leftovers_killed",
@@ -355,6 +376,7 @@ mod tests {
         let facts = DrainFacts {
             had_traffic: true,
             kill_after: KILL_AFTER,
+            mode: Mode::Wrapper,
         };
         let ready = step(State::new(Gate::Open), Event::AppReady, Instant::now()).0;
         step(ready, request(facts), Instant::now()).0

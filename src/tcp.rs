@@ -451,11 +451,13 @@ pub fn listening_sockets_of_tree(root: Pid, listeners: &[Listener]) -> TreeSocke
 /// The ports that processes of the tree rooted at `root` listen on (see
 /// [`listening_sockets_of_tree`]). Sorted, deduplicated.
 pub fn listening_ports_of_tree(root: Pid, listeners: &[Listener]) -> Vec<u16> {
-    let mut ports: Vec<u16> = listening_sockets_of_tree(root, listeners)
-        .sockets
-        .into_iter()
-        .map(|listener| listener.port)
-        .collect();
+    ports_of(&listening_sockets_of_tree(root, listeners).sockets)
+}
+
+/// The ports of `listeners`, sorted, deduplicated.
+pub fn ports_of(listeners: &[Listener]) -> Vec<u16> {
+    let mut ports: Vec<u16> = listeners.iter().map(|listener| listener.port).collect();
+    ports.sort_unstable();
     ports.dedup();
     ports
 }

@@ -319,7 +319,7 @@ pub type SharedTraffic = Arc<Mutex<Traffic>>;
 /// stop signal: the drain ended too early. What to read when is the [`Plan`]'s call.
 pub async fn monitor(
     traffic: SharedTraffic,
-    app: Pid,
+    app: Option<Pid>,
     given_ports: Vec<u16>,
     own_port: OwnPort,
     mut state: watch::Receiver<State>,
@@ -333,7 +333,7 @@ pub async fn monitor(
     }
     loop {
         let current = *state.borrow_and_update();
-        let stage = Stage::of(current.kind());
+        let stage = Stage::of(current.traffic_phase());
         let look = plan.look(stage, lock(&traffic).known(), Instant::now());
         if look.marks_stop {
             lock(&traffic).mark_stopped(Instant::now());
@@ -504,15 +504,20 @@ impl OwnPort {
     }
 }
 
+/// The app's ports: those its processes listen on, or with no app process (a sidecar, `None`)
+/// every port listening in the network namespace but drainit's own.
 async fn discover_ports(
     sampler: Option<TcpSampler>,
-    app: Pid,
+    app: Option<Pid>,
     own_port: u16,
 ) -> (Option<TcpSampler>, Vec<u16>) {
     off_thread(sampler, move |sampler| {
         let mut listeners = tcp::listeners(sampler.as_mut());
         listeners.retain(|listener| listener.port != own_port);
-        tcp::listening_ports_of_tree(app, &listeners)
+        match app {
+            Some(app) => tcp::listening_ports_of_tree(app, &listeners),
+            None => tcp::ports_of(&listeners),
+        }
     })
     .await
 }

@@ -145,6 +145,7 @@ async fn ends_when_the_drain_starts() {
         Event::Sigterm(crate::lifecycle::DrainFacts {
             had_traffic: true,
             kill_after: Duration::from_secs(29),
+            mode: crate::lifecycle::Mode::Wrapper,
         }),
         Instant::now(),
     );

@@ -28,6 +28,7 @@ impl Clock {
             drain_started: self.at(10),
             kill_at: Some(self.now()),
             gate: Gate::Open,
+            mode: Mode::Wrapper,
         }
     }
 
@@ -59,6 +60,7 @@ impl Clock {
                 drain_started: self.now(),
                 kill_at: Some(self.now() + KILL_AFTER),
                 gate,
+                mode: Mode::Wrapper,
             },
             stop_when_over: false,
         }
@@ -124,7 +126,7 @@ impl Sample {
             Sample::DrainingPrestopSigterm => clock.draining(DrainTrigger::Prestop, true),
             Sample::Drained => State::Drained {
                 shutdown: clock.shutdown(),
-                handoff_by: clock.now(),
+                handoff_by: Some(clock.now()),
             },
             Sample::Stopping => State::Stopping {
                 shutdown: clock.shutdown(),
@@ -149,6 +151,7 @@ fn facts(had_traffic: bool) -> DrainFacts {
     DrainFacts {
         had_traffic,
         kill_after: KILL_AFTER,
+        mode: Mode::Wrapper,
     }
 }
 
@@ -163,7 +166,10 @@ fn events() -> Vec<Event> {
         Event::AppUnready,
         Event::Sigterm(facts(false)),
         Event::DrainRequest(facts(false)),
-        Event::Interrupt { signal: SIGINT },
+        Event::Interrupt {
+            signal: SIGINT,
+            mode: Mode::Wrapper,
+        },
         Event::DrainOver,
         Event::HandoffDue,
         Event::BudgetSpent,
@@ -232,7 +238,7 @@ fn expected(clock: &Clock, sample: Sample, event: &Event) -> Option<(State, Vec<
         (S::Stopping, Event::Sigterm(_)) => Some((state, log(Note::SigtermIgnoredStopping))),
         (S::Starting, Event::DrainRequest(_)) => start(DrainTrigger::Prestop, true),
         (_, Event::DrainRequest(_)) if pre_drain => start(DrainTrigger::Prestop, false),
-        (_, Event::Interrupt { signal }) if draining => Some((
+        (_, Event::Interrupt { signal, .. }) if draining => Some((
             clock.stopping_now(),
             vec![
                 Action::Log(Note::DrainInterrupted { signal: *signal }),
@@ -241,7 +247,7 @@ fn expected(clock: &Clock, sample: Sample, event: &Event) -> Option<(State, Vec<
                 Action::Resume,
             ],
         )),
-        (S::Drained, Event::Interrupt { signal }) => Some((
+        (S::Drained, Event::Interrupt { signal, .. }) => Some((
             clock.stopping_now(),
             vec![
                 Action::Log(Note::DrainInterrupted { signal: *signal }),
@@ -249,14 +255,14 @@ fn expected(clock: &Clock, sample: Sample, event: &Event) -> Option<(State, Vec<
                 Action::Resume,
             ],
         )),
-        (_, Event::Interrupt { signal }) => Some((state, vec![Action::Forward(*signal)])),
+        (_, Event::Interrupt { signal, .. }) => Some((state, vec![Action::Forward(*signal)])),
         (S::DrainingSigterm | S::DrainingPrestopSigterm, Event::DrainOver) => {
             stop(vec![Action::ReportDrainEnd])
         }
         (S::DrainingPrestop, Event::DrainOver) => Some((
             State::Drained {
                 shutdown: clock.shutdown(),
-                handoff_by: now + PRESTOP_HANDOFF,
+                handoff_by: Some(now + PRESTOP_HANDOFF),
             },
             vec![Action::ReportDrainEnd, Action::Log(Note::WaitingForSigterm)],
         )),
@@ -440,18 +446,46 @@ fn an_interrupt_reports_the_drain_once() {
     };
     // Cut short while draining: the drain's evidence, once; a second interrupt only forwards.
     let draining = clock.drain(Event::Sigterm);
-    let (stopping, first) = step(draining, Event::Interrupt { signal: SIGQUIT }, clock.at(2));
-    let (_, second) = step(stopping, Event::Interrupt { signal: SIGINT }, clock.at(3));
+    let (stopping, first) = step(
+        draining,
+        Event::Interrupt {
+            signal: SIGQUIT,
+            mode: Mode::Wrapper,
+        },
+        clock.at(2),
+    );
+    let (_, second) = step(
+        stopping,
+        Event::Interrupt {
+            signal: SIGINT,
+            mode: Mode::Wrapper,
+        },
+        clock.at(3),
+    );
     assert_eq!(reports(&first) + reports(&second), 1);
     assert_eq!(second, [Action::Forward(SIGINT)]);
     // Cut short once a prestop drain is over: that drain already reported.
     let draining = clock.drain(Event::DrainRequest);
     let (drained, over) = step(draining, Event::DrainOver, clock.at(2));
-    let (_, cut) = step(drained, Event::Interrupt { signal: SIGINT }, clock.at(3));
+    let (_, cut) = step(
+        drained,
+        Event::Interrupt {
+            signal: SIGINT,
+            mode: Mode::Wrapper,
+        },
+        clock.at(3),
+    );
     assert_eq!(reports(&over) + reports(&cut), 1);
     // Before any drain it is the app's business.
     assert_eq!(
-        step(ready, Event::Interrupt { signal: SIGINT }, clock.at(1)),
+        step(
+            ready,
+            Event::Interrupt {
+                signal: SIGINT,
+                mode: Mode::Wrapper
+            },
+            clock.at(1)
+        ),
         (ready, vec![Action::Forward(SIGINT)])
     );
 }
@@ -575,4 +609,173 @@ fn the_writer_publishes_each_change_and_returns_the_actions() {
         lifecycle.drain_elapsed_ms().map(|ms| ms < 60_000),
         Some(true)
     );
+}
+
+/// `drainit sidecar`, the three ways a pod is deleted, and the operator's interrupt: the drain
+/// runs as in wrapper mode, nothing is ever stopped or killed, and drainit exits 0 once the drain
+/// is over and SIGTERM has come.
+mod sidecar {
+    use super::*;
+
+    fn facts() -> DrainFacts {
+        DrainFacts {
+            had_traffic: true,
+            kill_after: KILL_AFTER,
+            mode: Mode::Sidecar,
+        }
+    }
+
+    /// Steps through `events` (at whole seconds) from a ready pod; the phase and actions of each.
+    fn run(clock: &Clock, events: Vec<(u64, Event)>) -> (State, Vec<(PhaseKind, Vec<Action>)>) {
+        let mut state = clock.ready();
+        let mut log = Vec::new();
+        for (secs, event) in events {
+            let (next, actions) = step(state, event, clock.at(secs));
+            log.push((next.kind(), actions));
+            state = next;
+        }
+        (state, log)
+    }
+
+    fn start(trigger: DrainTrigger) -> (PhaseKind, Vec<Action>) {
+        let start = Action::StartDrain {
+            trigger,
+            never_ready: false,
+        };
+        (PhaseKind::Draining, vec![start])
+    }
+
+    fn exited_0() -> (PhaseKind, Vec<Action>) {
+        (PhaseKind::Exited, vec![Action::Log(Note::SidecarDone)])
+    }
+
+    #[test]
+    fn a_sidecar_drain_has_no_kill_deadline() {
+        let clock = Clock::new();
+        let (draining, _) = run(&clock, vec![(1, Event::Sigterm(facts()))]);
+        assert_eq!(draining.drain_started(), Some(clock.at(1)));
+        assert_eq!(draining.kill_at(), None);
+        assert_ignored(draining, Event::BudgetSpent, clock.at(99));
+    }
+
+    /// Native sidecar: the preStop hook starts the drain; the late SIGTERM (after the app
+    /// exited) ends drainit at once, whenever it comes: no handoff deadline stops anything.
+    #[test]
+    fn native_prestop_then_late_sigterm_exits_0_at_once() {
+        let clock = Clock::new();
+        let (exited, log) = run(
+            &clock,
+            vec![
+                (1, Event::DrainRequest(facts())),
+                (6, Event::DrainOver),
+                (60, Event::HandoffDue),
+                (70, Event::Sigterm(facts())),
+            ],
+        );
+        let waiting = vec![
+            Action::ReportDrainEnd,
+            Action::Log(Note::SidecarWaitingForSigterm),
+        ];
+        assert_eq!(
+            log,
+            [
+                start(DrainTrigger::Prestop),
+                (PhaseKind::Drained, waiting),
+                (PhaseKind::Drained, vec![]),
+                exited_0(),
+            ]
+        );
+        assert_eq!(
+            exited,
+            State::Exited {
+                code: 0,
+                drain_started: Some(clock.at(1))
+            }
+        );
+    }
+
+    /// Regular-container sidecar (clusters before 1.29): SIGTERM starts the drain, drainit serves
+    /// on and exits 0 when it is over.
+    #[test]
+    fn sigterm_drains_then_exits_0() {
+        let clock = Clock::new();
+        let (exited, log) = run(
+            &clock,
+            vec![
+                (1, Event::Sigterm(facts())),
+                (2, Event::Sigterm(facts())),
+                (6, Event::DrainOver),
+            ],
+        );
+        let again = vec![Action::Log(Note::SigtermIgnoredDraining)];
+        let mut done = exited_0();
+        done.1.insert(0, Action::ReportDrainEnd);
+        assert_eq!(
+            log,
+            [
+                start(DrainTrigger::Sigterm),
+                (PhaseKind::Draining, again),
+                done
+            ]
+        );
+        assert_eq!(exited.drain_started(), Some(clock.at(1)));
+    }
+
+    /// SIGTERM while the prestop drain runs: drainit exits when it is over, not before.
+    #[test]
+    fn sigterm_during_the_prestop_drain_exits_when_it_is_over() {
+        let clock = Clock::new();
+        let (_, log) = run(
+            &clock,
+            vec![
+                (1, Event::DrainRequest(facts())),
+                (2, Event::Sigterm(facts())),
+                (6, Event::DrainOver),
+            ],
+        );
+        let during = vec![Action::Log(Note::SidecarSigtermDuringPrestop)];
+        let mut done = exited_0();
+        done.1.insert(0, Action::ReportDrainEnd);
+        assert_eq!(
+            log,
+            [
+                start(DrainTrigger::Prestop),
+                (PhaseKind::Draining, during),
+                done
+            ]
+        );
+    }
+
+    /// SIGINT or SIGQUIT: nothing to forward to; drainit exits now with 128 + the signal,
+    /// reporting a drain under way as cut short.
+    #[test]
+    fn an_interrupt_exits_at_once() {
+        let clock = Clock::new();
+        let interrupt = |signal| Event::Interrupt {
+            signal,
+            mode: Mode::Sidecar,
+        };
+        let (exited, actions) = step(clock.ready(), interrupt(SIGINT), clock.at(2));
+        assert_eq!(
+            actions,
+            [Action::Log(Note::SidecarInterrupted { signal: SIGINT })]
+        );
+        assert_eq!(
+            exited,
+            State::Exited {
+                code: 128 + SIGINT as u8,
+                drain_started: None
+            }
+        );
+        let (draining, _) = run(&clock, vec![(1, Event::DrainRequest(facts()))]);
+        let (exited, actions) = step(draining, interrupt(SIGQUIT), clock.at(2));
+        assert_eq!(
+            actions,
+            [
+                Action::Log(Note::SidecarInterrupted { signal: SIGQUIT }),
+                Action::InterruptDrain
+            ]
+        );
+        assert_eq!(exited.drain_started(), Some(clock.at(1)));
+    }
 }

@@ -104,6 +104,8 @@ struct Open {
     serving_by: Instant,
     /// Past its first byte: holding hyper's buffers.
     serving: bool,
+    /// A `/drain/wait` waiter: no buffers, no deadline; cut only to make room.
+    parked: bool,
     cut: Arc<Notify>,
 }
 
@@ -167,6 +169,7 @@ impl Registry {
                 last_active: now,
                 serving_by: now + first_byte_timeout,
                 serving: false,
+                parked: false,
                 cut: cut.clone(),
             },
         );
@@ -203,7 +206,7 @@ impl Registry {
         let late: Vec<u64> = self
             .open
             .iter()
-            .filter(|(_, open)| !open.serving && open.serving_by <= now)
+            .filter(|(_, open)| !open.serving && !open.parked && open.serving_by <= now)
             .map(|(id, _)| *id)
             .collect();
         for id in &late {
@@ -224,6 +227,15 @@ impl Registry {
     pub fn make_room(&mut self) {
         let heaviest = self.heaviest_address(|_| true);
         self.cut_stalest(|open| Some(open.addr) == heaviest);
+    }
+
+    /// Connection `id` waits for the drain's end (`/drain/wait`): it holds no buffers and has no
+    /// deadline to start serving, but may still be cut to make room.
+    pub fn park(&mut self, id: u64, now: Instant) {
+        if let Some(open) = self.open.get_mut(&id) {
+            open.parked = true;
+            open.last_active = now;
+        }
     }
 
     /// A request arrived on connection `id`: it is in use, not hoarded.

@@ -72,10 +72,18 @@ pub struct Builder {
     control: String,
     options: Vec<String>,
     app: Option<App>,
+    /// `drainit sidecar`: no app.
+    sidecar: bool,
     timeline: Option<(Clock, LineFilter)>,
 }
 
 impl Builder {
+    /// `drainit sidecar`: drainit with no app (the test runs it beside one).
+    pub fn sidecar(mut self) -> Self {
+        self.sidecar = true;
+        self
+    }
+
     /// The name in failure messages and the timeline.
     pub fn name(mut self, name: &str) -> Self {
         self.name = name.to_owned();
@@ -154,14 +162,19 @@ impl Builder {
         let drainit = drainit_bin();
         let mut argv: Vec<&OsStr> = self.prefix.iter().map(OsString::as_os_str).collect();
         argv.push(drainit.as_os_str());
+        if self.sidecar {
+            argv.push(OsStr::new("sidecar"));
+        }
         let mut cmd = Command::new(argv[0]);
         cmd.args(&argv[1..])
             .args(["--log-format", "json", "--health-listen", &self.health])
             .args(["--control", &self.control])
             .args(&self.options)
-            .arg("--")
-            .args(&self.app.as_ref().expect("no app: call .app()").argv)
             .envs(self.envs.iter().map(|(k, v)| (k, v)));
+        if !self.sidecar {
+            cmd.arg("--")
+                .args(&self.app.as_ref().expect("no app: call .app()").argv);
+        }
         cmd
     }
 
@@ -253,6 +266,7 @@ impl Drainit {
             control: unique_control(),
             options: Vec::new(),
             app: None,
+            sidecar: false,
             timeline: None,
         }
     }
