@@ -242,6 +242,7 @@ impl Connection {
         connections::lock(&server.registry).park(self.id, Instant::now());
         let outcome = drain_wait::serve(
             self.stream,
+            self.peer,
             head,
             server.state.clone(),
             server.context.waiters.clone(),

@@ -426,6 +426,44 @@ fn a_thousand_waiters_are_bounded_and_do_not_delay_ready() {
     );
 }
 
+/// One client cannot take every place: from one address only a few wait, and the kubelet's hook
+/// from another address still waits (here for the drain that never begins: 409 after the wait).
+#[test]
+fn one_address_cannot_take_every_waiting_place() {
+    let drainit = Drainit::demo(&[], &[]);
+    let send_hook = |source: Ipv4Addr| {
+        let mut stream = connect_from(source, drainit.health).expect("connect");
+        std::io::Write::write_all(&mut stream, HOOK_REQUEST.as_bytes()).unwrap();
+        stream.set_read_timeout(Some(SECS(15))).unwrap();
+        stream
+    };
+    let crowd: Vec<_> = (0..200)
+        .map(|_| send_hook(Ipv4Addr::new(127, 0, 5, 1)))
+        .collect();
+    let kubelet = send_hook(Ipv4Addr::new(127, 0, 5, 2));
+    let code = |mut stream: std::net::TcpStream| {
+        let mut response = String::new();
+        let _ = std::io::Read::read_to_string(&mut stream, &mut response);
+        response
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or("none")
+            .to_owned()
+    };
+    let mut answers = std::collections::BTreeMap::new();
+    for stream in crowd {
+        *answers.entry(code(stream)).or_insert(0) += 1;
+    }
+    println!("one address, 200 waiters: {answers:?}");
+    assert_eq!(answers.get("409"), Some(&4), "{answers:?}");
+    assert_eq!(answers.get("503"), Some(&196), "{answers:?}");
+    assert_eq!(
+        code(kubelet),
+        "409",
+        "the other address's hook waited its turn"
+    );
+}
+
 #[test]
 fn a_command_or_a_wrapper_only_option_in_sidecar_mode_is_refused() {
     for (args, says) in [

@@ -10,9 +10,12 @@
 //!
 //! A waiter costs a parked connection, never hyper's buffers: the request is recognised from its
 //! first bytes (a hook sends its request in one go), its head consumed, and the answer written by
-//! hand. Waiters are bounded ([`MAX_WAITERS`]); the rest get 503 at once. Parked connections stay
-//! in the connection registry, so a crowd of them is shed like any other crowd.
+//! hand. Waiters are bounded ([`MAX_WAITERS`], and [`MAX_WAITERS_PER_ADDRESS`] from one address, so
+//! that a crowd needs many addresses to take every place); the rest get 503 at once. Parked
+//! connections stay in the connection registry, so a crowd of them is shed like any other crowd.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,6 +38,9 @@ pub const DRAIN_START_WAIT: Duration = Duration::from_secs(5);
 /// Waiters at once: a pod has one app container hook per container (a handful), so this is room
 /// for hooks and operators; anything more is a crowd and gets 503 at once.
 pub const MAX_WAITERS: usize = 128;
+/// Waiters from one address at once: the kubelet sends one hook per container from the node, so a
+/// few are plenty; a client taking every place would make the app's own hook return at once.
+pub const MAX_WAITERS_PER_ADDRESS: usize = 4;
 /// One log line per this long about refused waiters or waits with no drain.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -74,34 +80,53 @@ impl Outcome {
 pub struct Waiters {
     count: AtomicUsize,
     limit: usize,
+    /// Waiters per client address: at most `limit` entries, as each has one waiter or more.
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+    per_address: usize,
     refused_log: Mutex<Throttle>,
     no_drain_log: Mutex<Throttle>,
 }
 
 impl Default for Waiters {
     fn default() -> Self {
-        Self::new(MAX_WAITERS)
+        Self::new(MAX_WAITERS, MAX_WAITERS_PER_ADDRESS)
     }
 }
 
 impl Waiters {
-    pub fn new(limit: usize) -> Self {
+    pub fn new(limit: usize, per_address: usize) -> Self {
         Self {
             count: AtomicUsize::new(0),
             limit,
+            by_address: Mutex::default(),
+            per_address,
             refused_log: Mutex::new(Throttle::new(LOG_EVERY)),
             no_drain_log: Mutex::new(Throttle::new(LOG_EVERY)),
         }
     }
 
-    /// A place among the waiters, given back when dropped; `None` when they are all taken.
-    fn enter(self: &Arc<Self>) -> Option<Place> {
-        let taken = self
-            .count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.limit).then_some(n + 1)
-            });
-        taken.is_ok().then(|| Place(self.clone()))
+    /// A place among the waiters, given back when dropped; `None` when they are all taken, or
+    /// `from` holds its share already.
+    fn enter(self: &Arc<Self>, from: IpAddr) -> Option<Place> {
+        let mut by_address = crate::sync::lock(&self.by_address);
+        let held = by_address.get(&from).copied().unwrap_or(0);
+        if held >= self.per_address || self.count.load(Ordering::Acquire) >= self.limit {
+            return None;
+        }
+        by_address.insert(from, held + 1);
+        self.count.fetch_add(1, Ordering::AcqRel);
+        Some(Place(self.clone(), from))
+    }
+
+    fn leave(&self, from: IpAddr) {
+        let mut by_address = crate::sync::lock(&self.by_address);
+        if let Some(held) = by_address.get_mut(&from) {
+            *held -= 1;
+            if *held == 0 {
+                by_address.remove(&from);
+            }
+        }
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// At exit: gives the waiters woken by the drain's end `limit` to write their answers (the
@@ -136,11 +161,11 @@ impl Waiters {
     }
 }
 
-struct Place(Arc<Waiters>);
+struct Place(Arc<Waiters>, IpAddr);
 
 impl Drop for Place {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.leave(self.1);
     }
 }
 
@@ -163,6 +188,7 @@ pub fn request_head(peeked: &[u8]) -> Option<usize> {
 /// (or not) and answers. (A connection cut to make room drops this future, and its place.)
 pub async fn serve(
     mut stream: TcpStream,
+    peer: IpAddr,
     head: usize,
     state: watch::Receiver<State>,
     waiters: Arc<Waiters>,
@@ -170,7 +196,7 @@ pub async fn serve(
     if consume(&mut stream, head).await.is_err() {
         return Outcome::Gone;
     }
-    let Some(place) = waiters.enter() else {
+    let Some(place) = waiters.enter(peer) else {
         waiters.refused();
         answer(&mut stream, Outcome::Refused).await;
         return Outcome::Refused;
@@ -273,12 +299,20 @@ mod tests {
 
     #[test]
     fn waiters_are_bounded_and_give_their_place_back() {
-        let waiters = Arc::new(Waiters::new(2));
-        let first = waiters.enter().unwrap();
-        let _second = waiters.enter().unwrap();
-        assert!(waiters.enter().is_none());
+        let (a, b, c) = (
+            IpAddr::from([10, 0, 0, 1]),
+            IpAddr::from([10, 0, 0, 2]),
+            IpAddr::from([10, 0, 0, 3]),
+        );
+        let waiters = Arc::new(Waiters::new(3, 2));
+        let first = waiters.enter(a).unwrap();
+        let _second = waiters.enter(a).unwrap();
+        assert!(waiters.enter(a).is_none(), "one address holds its share");
+        let _third = waiters.enter(b).unwrap();
+        assert!(waiters.enter(c).is_none(), "every place taken");
         drop(first);
-        assert!(waiters.enter().is_some());
+        assert!(waiters.enter(c).is_some());
+        assert!(crate::sync::lock(&waiters.by_address).len() <= 3);
     }
 
     fn draining(ready: State) -> State {
