@@ -2,6 +2,7 @@
 //! Either a fixed delay, or watched: until the evidence says load balancers have stopped sending
 //! (see the watchers), never before `--drain-min` and never after `--drain-max`.
 
+pub mod arrivals;
 pub mod evidence;
 pub mod lb_probes;
 pub mod sampling;

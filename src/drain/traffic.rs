@@ -566,6 +566,7 @@ mod tests {
             inode: 0,
             cookie,
             bytes_received: Some(bytes),
+            last_data_recv: None,
         }
     }
 
