@@ -40,7 +40,7 @@ pub const CEILING: f64 = 20.0;
 /// weighs the same.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// Fewer readings say nothing reliable.
-const MIN_SAMPLES: usize = 8;
+const MIN_SAMPLES: usize = 5;
 /// Standard errors of the mean age taken off (see the module's doc).
 const STANDARD_ERRORS: f64 = 3.0;
 
