@@ -15,7 +15,8 @@
 //!   counts from its handshake, itself an arrival.
 //! - The kernel's ages are whole jiffies (HZ 100 to 1000, unknown): each is read `TICK` older
 //!   than the kernel says, so rounding never makes it younger.
-//! - A window holds few readings (one per `SAMPLE_EVERY`): the estimate is lowered by three
+//! - A window holds a limited number of readings (one per socket dump, at most one per
+//!   `SAMPLE_EVERY`; dumps come every 500 ms per 250 open connections): the estimate is lowered by three
 //!   standard errors of a periodic process's mean age (the only process without slack), so
 //!   sampling noise does not overstate it either.
 //! - One long transfer (an upload, a stream) keeps its socket's age near zero while it lasts:
@@ -38,7 +39,7 @@ pub const TICK: Duration = Duration::from_millis(10);
 pub const CEILING: f64 = 20.0;
 /// One age reading per this long, whatever the sampling cadence, so that every stretch of time
 /// weighs the same.
-pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+pub const SAMPLE_EVERY: Duration = Duration::from_millis(500);
 /// Fewer readings say nothing reliable.
 const MIN_SAMPLES: usize = 5;
 /// Standard errors of the mean age taken off (see the module's doc).

@@ -59,12 +59,14 @@ struct Cadence {
     sockets: Duration,
 }
 
-/// Before the drain only the arrival rate is needed (kept-alive requests seen less often only
-/// make the rate look lower, and the quiet period longer).
+/// Before the drain only the arrival rate is needed: each socket dump is one reading of the
+/// sockets' ages (see `drain::arrivals`), every 500 ms per 250 open connections.
 const BEFORE_DRAIN: Cadence = Cadence {
     counter: Duration::from_millis(250),
-    sockets: Duration::from_secs(2),
+    sockets: Duration::from_millis(500),
 };
+/// Connections one dump interval before the drain pays for.
+const CONNECTIONS_PER_INTERVAL: usize = 250;
 /// During the drain, every look reads both: quiet is vouched for only up to the older of the
 /// two readings, and the drain ends one quiet period after the last arrival, read from the
 /// sockets' ages, as soon as a look confirms nothing came since (a few seconds of dumps at
@@ -168,14 +170,15 @@ impl Plan {
 }
 
 /// Before the drain, a dump costs more the more connections it returns (each with its tcp_info):
-/// keep it near the cost of 1,000 connections every 2 s, so watching stays under 1 % CPU.
+/// keep it near the cost of 250 connections every 500 ms (500 a second, about 2 ms of dumping a
+/// second with tcp_info), so watching stays under 1 % CPU.
 fn dump_interval_before_drain(open_connections: usize) -> Duration {
-    let thousands = u32::try_from(open_connections.div_ceil(1000))
+    let shares = u32::try_from(open_connections.div_ceil(CONNECTIONS_PER_INTERVAL))
         .unwrap_or(u32::MAX)
         .max(1);
     BEFORE_DRAIN
         .sockets
-        .saturating_mul(thousands)
+        .saturating_mul(shares)
         .min(SKIPPED_DUMPS_AT_MOST)
 }
 
@@ -255,19 +258,19 @@ mod tests {
     }
 
     #[test]
-    fn before_the_drain_connections_are_dumped_every_2_s_more_per_thousand() {
+    fn before_the_drain_connections_are_dumped_every_500_ms_more_per_250() {
         let busy = Known {
             open_connections: 10,
             sockets_may_have_changed: true,
             ..IDLE
         };
-        assert_eq!(dumps(&looks(false, Stage::BeforeDrain, busy, 9_999)), 5);
+        assert_eq!(dumps(&looks(false, Stage::BeforeDrain, busy, 9_999)), 20);
         let crowded = Known {
-            open_connections: 2500,
+            open_connections: 1500,
             ..busy
         };
         let looks = looks(false, Stage::BeforeDrain, crowded, 11_999);
-        assert_eq!(dumps(&looks), 2, "every 6 s");
+        assert_eq!(dumps(&looks), 4, "every 3 s");
         assert_eq!(
             dump_interval_before_drain(usize::MAX),
             SKIPPED_DUMPS_AT_MOST
