@@ -26,6 +26,9 @@
 //!   replica (the app's own record), while a metrics sidecar in the same namespace, scraped on a
 //!   new connection every 500 ms, must not hold it.
 //!
+//! - 6 requests/s from one kept-alive client (each replica sees one connection carrying all its
+//!   requests), late removal at 6 s, auto quiet period: zero failures.
+//!
 //! Needs root, iproute2 (`ip netns`) and HAProxy; fails rather than skips without them.
 
 mod common;
@@ -75,6 +78,15 @@ const SIDECAR_PORT: u16 = 9100;
 const LOW: Arrivals = Arrivals::Poisson(Duration::from_millis(333));
 /// The reason drainit logs when the watchers, not `--drain-max`, ended the drain.
 const WATCHERS_DRAINED: &str = "watchers report drained";
+/// drainit's flags where HAProxy checks `/ready`.
+const TRAFFIC_AND_LB_PROBES: &[&str] = &[
+    "--drain-watch",
+    "traffic,lb-probes",
+    "--drain-max",
+    "15s",
+    "--grace-period",
+    "20s",
+];
 /// drainit's flags for the late-removal scenarios: one configuration for removals anywhere from
 /// 0.5 s to 8 s after the drain begins.
 const TRAFFIC_WATCH: &[&str] = &[
@@ -91,14 +103,7 @@ fn ready_checks_traffic_and_lb_probes_end_the_drain_a_quiet_period_after_the_las
     let outcome = Scenario {
         label: "ready-checks",
         check: HealthCheck::DrainitReady,
-        drainit: &[
-            "--drain-watch",
-            "traffic,lb-probes",
-            "--drain-max",
-            "15s",
-            "--grace-period",
-            "20s",
-        ],
+        drainit: TRAFFIC_AND_LB_PROBES,
         arrivals: STEADY,
         warmup: WARMUP,
         removal: Removal::ByChecks,
@@ -128,14 +133,7 @@ fn at_the_limit_each_drain_ends_within_1_3_s_of_its_last_request_and_a_sidecar_d
     let outcome = Scenario {
         label: "at-the-limit",
         check: HealthCheck::DrainitReady,
-        drainit: &[
-            "--drain-watch",
-            "traffic,lb-probes",
-            "--drain-max",
-            "15s",
-            "--grace-period",
-            "20s",
-        ],
+        drainit: TRAFFIC_AND_LB_PROBES,
         arrivals: BUSY,
         // Readings of the sockets' ages (two a second) to size the quiet period from: the one
         // taken as the load begins reads an old age, and weighs less the more follow it.
@@ -201,8 +199,25 @@ fn late_removal_at_6s_fixed_2s_drain_delay_drops_requests() {
 
 #[test]
 fn late_removal_at_6s_low_traffic_auto_quiet_period_drops_no_request() {
+    low_traffic_late_removal("late-6s-low-traffic", LOW);
+}
+
+#[test]
+fn six_requests_a_second_on_one_kept_alive_client_late_removal_drops_no_request() {
+    low_traffic_late_removal(
+        "late-6s-one-connection",
+        Arrivals::KeptAlive {
+            connections: 1,
+            gap: Duration::from_millis(167),
+        },
+    );
+}
+
+/// Low traffic, taken out of rotation 6 s after the SIGTERM, with the auto quiet period: no
+/// request lost, and the drain ends about a quiet period after the last request.
+fn low_traffic_late_removal(label: &'static str, arrivals: Arrivals) {
     let outcome = Scenario {
-        label: "late-6s-low-traffic",
+        label,
         check: HealthCheck::None,
         drainit: &[
             "--drain-watch",
@@ -212,7 +227,7 @@ fn late_removal_at_6s_low_traffic_auto_quiet_period_drops_no_request() {
             "--grace-period",
             "25s",
         ],
-        arrivals: LOW,
+        arrivals,
         // Enough requests before the first drain for drainit to measure the rate.
         warmup: Duration::from_secs(8),
         removal: Removal::RuntimeApi(Duration::from_secs(6)),
