@@ -13,6 +13,8 @@
 //! - A connection that closed before a reading hides its last arrival: the age read is older,
 //!   the rate lower. Idle kept-alive connections are never the youngest. A new connection's age
 //!   counts from its handshake, itself an arrival.
+//! - Readings are at times unrelated to the arrivals: the looks before the drain are jittered
+//!   (`sampling::Jitter`), so periodic traffic (health checks) is not read at one phase.
 //! - The kernel's ages are whole jiffies (HZ 100 to 1000, unknown): each is read `TICK` older
 //!   than the kernel says, so rounding never makes it younger.
 //! - A window holds a limited number of readings (one per socket dump, at most one per

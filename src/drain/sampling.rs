@@ -169,6 +169,39 @@ impl Plan {
     }
 }
 
+/// Spreads the looks before the drain uniformly over 50-150 % of their interval. Socket ages
+/// must be read at times unrelated to the arrivals: at a fixed cadence they would alias with
+/// periodic traffic (a health check every 500 ms read at the same phase every time).
+#[derive(Debug)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Jitter((nanos ^ u64::from(std::process::id()).rotate_left(32)) | 1)
+    }
+
+    /// When to look again at `stage` (sooner if the stage changes).
+    pub fn next_look_in(&mut self, stage: Stage) -> Duration {
+        let interval = stage.next_look_in();
+        if stage == Stage::BeforeDrain {
+            interval.mul_f64(0.5 + self.unit())
+        } else {
+            interval
+        }
+    }
+
+    /// xorshift64*, uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// Before the drain, a dump costs more the more connections it returns (each with its tcp_info):
 /// keep it near the cost of 250 connections every 500 ms (500 a second, about 2 ms of dumping a
 /// second with tcp_info), so watching stays under 1 % CPU.
@@ -247,6 +280,21 @@ mod tests {
         assert_eq!(Stage::Draining.next_look_in(), MS(100));
         assert_eq!(Stage::AfterStop.next_look_in(), MS(100));
         assert_eq!(FIRST_LOOK_AFTER, MS(250));
+    }
+
+    #[test]
+    fn looks_before_the_drain_are_jittered_during_it_not() {
+        let mut jitter = Jitter::seeded();
+        let before: Vec<Duration> = (0..200)
+            .map(|_| jitter.next_look_in(Stage::BeforeDrain))
+            .collect();
+        assert!(
+            before.iter().all(|d| *d >= MS(125) && *d < MS(375)),
+            "{before:?}"
+        );
+        let early = before.iter().filter(|d| **d < MS(250)).count();
+        assert!((60..140).contains(&early), "{early} of 200 under 250 ms");
+        assert_eq!(jitter.next_look_in(Stage::Draining), MS(100));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::arrivals::{self, AgeSamples, Rate, RateSource};
 use super::evidence::Quiet;
-use super::sampling::{FIRST_LOOK_AFTER, Known, Plan, Stage};
+use super::sampling::{FIRST_LOOK_AFTER, Jitter, Known, Plan, Stage};
 use crate::lifecycle::State;
 use crate::tcp::{self, Connection, TcpSampler};
 
@@ -501,6 +501,7 @@ pub async fn monitor(
 ) {
     let mut sampler = open_sampler(&traffic);
     let mut plan = Plan::new(given_ports.is_empty());
+    let mut jitter = Jitter::seeded();
     let _ = tokio::time::timeout(FIRST_LOOK_AFTER, state.changed()).await;
     if !state.borrow().is_alive() {
         return;
@@ -536,7 +537,7 @@ pub async fn monitor(
             return;
         }
         // Wake early when the phase changes, so sampling speeds up as soon as the drain starts.
-        let _ = tokio::time::timeout(stage.next_look_in(), state.changed()).await;
+        let _ = tokio::time::timeout(jitter.next_look_in(stage), state.changed()).await;
     }
 }
 
