@@ -106,6 +106,27 @@ impl Accepts {
     }
 }
 
+/// Whether a look during the drain reads the other listeners' sockets: for the first baseline,
+/// then only when the app's share of the counter moved (every dump of them walks every socket of
+/// the namespace, TIME_WAIT included: at 10 looks a second that is most of the drain's cost).
+/// Skipping looks with no new accept loses nothing: no socket to explain was accepted then.
+/// The counter is read a moment before the dump: a sidecar's connection accepted in between
+/// explains an increment of the look before it was counted, which can hide one short app
+/// connection come and gone in the same look (a connection still open is seen on its own).
+#[derive(Debug, Clone, Copy)]
+struct Attribution {
+    has_baseline: bool,
+    /// The app's accepts (less drainit's own) at the previous reading of the counter.
+    accepts: Option<u64>,
+}
+
+impl Attribution {
+    fn needs_others(self, accepts_now: Option<u64>) -> bool {
+        // Without the counter there is nothing for them to explain.
+        accepts_now.is_some() && (!self.has_baseline || accepts_now != self.accepts)
+    }
+}
+
 /// What one socket dump shows that the previous one did not.
 #[derive(Debug, Default)]
 struct SocketNews {
@@ -250,10 +271,11 @@ impl Traffic {
         self.surely_arrived = self.surely_arrived.max(earliest);
     }
 
-    /// Arrivals known only from a reading at `at`: after `since` (the previous reading).
+    /// Arrivals known only from a reading at `at`: after `since` (the previous reading; with
+    /// none, they may be of any age, and bound nothing).
     fn arrived_between(&mut self, since: Option<Instant>, at: Instant) {
         self.last_activity = self.last_activity.max(Some(at));
-        self.surely_arrived = self.surely_arrived.max(since.or(Some(at)));
+        self.surely_arrived = self.surely_arrived.max(since);
     }
 
     /// Takes in a reading of the pod's age, if one is due: the youngest socket's, or the time
@@ -342,6 +364,14 @@ impl Traffic {
             self.events.pop_front();
         }
         events
+    }
+
+    /// What deciding whether to read the other listeners' sockets needs.
+    fn attribution(&self) -> Attribution {
+        Attribution {
+            has_baseline: self.other_sockets.is_some(),
+            accepts: self.accepts.last,
+        }
     }
 
     /// What the sampling plan needs to know.
@@ -520,7 +550,8 @@ pub async fn monitor(
             use_ports(&traffic, ports);
         }
         let ports = look.dump_sockets.then(|| lock(&traffic).ports.clone());
-        let attribute = look.dump_sockets && stage != Stage::BeforeDrain;
+        let attribute = (look.dump_sockets && stage != Stage::BeforeDrain)
+            .then(|| lock(&traffic).attribution());
         let observation;
         (sampler, observation) = observe(sampler.take(), ports, attribute, own_port.clone()).await;
         if look.dump_sockets {
@@ -598,15 +629,17 @@ async fn off_thread<T: Default + Send + 'static>(
 }
 
 /// Reads the connection counter, and the app's sockets when `ports` is given; with `attribute`,
-/// the sockets to the namespace's other listeners too.
+/// the sockets to the namespace's other listeners too if they could explain anything.
 async fn observe(
     sampler: Option<TcpSampler>,
     ports: Option<Vec<u16>>,
-    attribute: bool,
+    attribute: Option<Attribution>,
     own_port: OwnPort,
 ) -> (Option<TcpSampler>, Observation) {
     off_thread(sampler, move |sampler| {
         let (passive_opens, own_accepts) = own_port.passive_opens();
+        let app_accepts = passive_opens.map(|opens| opens.saturating_sub(own_accepts));
+        let attribute = attribute.is_some_and(|a| a.needs_others(app_accepts));
         let (connections, others) = match (ports, sampler.as_mut()) {
             (Some(ports), Some(sampler)) => read_sockets(sampler, &ports, attribute, own_port.port),
             _ => (None, None),
@@ -998,6 +1031,25 @@ mod tests {
         }
         let rate = traffic.ages.rate(t0, t0 + MS(60_000)).unwrap();
         assert!(rate.per_s < 0.1, "{rate:?}");
+    }
+
+    #[test]
+    fn other_listeners_are_read_for_a_baseline_then_only_when_the_counter_moved() {
+        let first = Attribution {
+            has_baseline: false,
+            accepts: Some(5),
+        };
+        assert!(first.needs_others(Some(5)));
+        let then = Attribution {
+            has_baseline: true,
+            ..first
+        };
+        assert!(!then.needs_others(Some(5)));
+        assert!(then.needs_others(Some(6)));
+        assert!(
+            !first.needs_others(None),
+            "nothing to explain without the counter"
+        );
     }
 
     #[test]
