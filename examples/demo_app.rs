@@ -14,6 +14,7 @@
 //! demo-app: grandchild pid <PID>          (with --spawn-grandchild)
 //! demo-app: closed the listener           (with --close-listener-after)
 //! demo-app: signal <NAME> at <UNIX_MILLIS> (NAME without "SIG", e.g. TERM)
+//! demo-app: last request at <UNIX_MILLIS>  (on exit, if it served any)
 //! demo-app: exiting with <CODE>
 //! ```
 //!
@@ -25,7 +26,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -119,7 +120,14 @@ fn signal_label(sig: i32) -> String {
     }
 }
 
+/// When the last request arrived (unix ms; 0: none yet): what a drain is measured against.
+static LAST_REQUEST: AtomicU64 = AtomicU64::new(0);
+
 fn exit_now(code: u8) -> ! {
+    match LAST_REQUEST.load(Ordering::SeqCst) {
+        0 => {}
+        ms => say(&format!("last request at {ms}")),
+    }
     say(&format!("exiting with {code}"));
     std::process::exit(code.into());
 }
@@ -153,6 +161,7 @@ async fn handle(
     req: Request<Incoming>,
     name: Arc<str>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    LAST_REQUEST.fetch_max(unix_millis() as u64, Ordering::SeqCst);
     let (status, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => (
             StatusCode::OK,

@@ -2,6 +2,7 @@
 //! Either a fixed delay, or watched: until the evidence says load balancers have stopped sending
 //! (see the watchers), never before `--drain-min` and never after `--drain-max`.
 
+pub mod arrivals;
 pub mod evidence;
 pub mod lb_probes;
 pub mod sampling;
@@ -19,7 +20,7 @@ use tracing::warn;
 
 use crate::lifecycle::State;
 
-use self::evidence::{DrainedAt, Judged, Quiet, Seen};
+use self::evidence::{DrainedAt, Judged, LastRequestSource, Quiet, Seen};
 use self::traffic::{QuietPeriod, SharedTraffic};
 use self::view::{DrainView, LbVerdict, PolicyView, TrafficVerdict};
 use crate::checkers::Checkers;
@@ -27,7 +28,7 @@ use crate::checkers::Checkers;
 pub use self::evidence::{Evidence, Watcher};
 
 /// How often a watched drain looks at its watchers.
-const WATCH_TICK: Duration = Duration::from_millis(100);
+const WATCH_TICK: Duration = Duration::from_millis(50);
 /// How often, before the drain, what it would be judged on is published again (the auto quiet
 /// period follows the traffic).
 const PREVIEW_EVERY: Duration = Duration::from_secs(1);
@@ -155,6 +156,15 @@ impl Observers {
             last_request_ms: since_start(traffic.last_activity),
             last_new_connection_ms: since_start(traffic.last_new_connection),
             open_connections: traffic.open_connections,
+            last_app_arrival_ms: since_start(traffic.last_app_arrival),
+            last_request_measured_by: traffic.last_activity.map(|last| {
+                if traffic.last_app_arrival == Some(last) {
+                    LastRequestSource::SocketAges
+                } else {
+                    LastRequestSource::Readings
+                }
+            }),
+            unattributed_connections: traffic.unattributed_connections,
         }
     }
 
@@ -297,9 +307,16 @@ impl WatchedDrain {
             all_drained_since = all.then(|| all_drained_since.unwrap_or(now));
             observers.publish(self.view(quiet.clone(), Some(&drained)));
             if let Some(reason) = self.verdict(elapsed, all_drained_since.map(|t| t - started)) {
+                let seen = observers.seen(started);
+                let mut judged = self.judged(&observers, started, now, quiet, drained);
+                if matches!(reason, EndReason::Watchers | EndReason::Floor) {
+                    judged.margin_ms = seen
+                        .last_request_ms
+                        .map(|last| elapsed.as_millis() as i64 - last);
+                }
                 let evidence = Evidence {
-                    seen: observers.seen(started),
-                    judged: Some(self.judged(&observers, started, now, quiet, drained)),
+                    seen,
+                    judged: Some(judged),
                 };
                 self.warn_if_never_quiet(reason, &evidence);
                 return DrainEnd {
@@ -347,6 +364,7 @@ impl WatchedDrain {
                     .holding_the_drain(now, started, self.lb_unhealthy_threshold)
             }),
             drained,
+            margin_ms: None,
         }
     }
 
@@ -561,6 +579,8 @@ mod tests {
                 "traffic": {
                     "quiet_period_ms": 30_000,
                     "quiet_period_reason": "auto: too little traffic before the drain to measure, using --drain-max",
+                    "arrival_rate_per_s": null,
+                    "arrival_rate_measured_by": null,
                 },
                 "lb_probes": {"unhealthy_threshold": null, "drained": null},
             })
@@ -588,8 +608,17 @@ mod tests {
             .await
             .unwrap()
             .clone();
-        let reason = view.traffic.quiet.unwrap().reason;
-        assert!(reason.contains("arrivals/s before the drain"), "{reason}");
+        let quiet = view.traffic.quiet.unwrap();
+        assert!(
+            quiet
+                .reason
+                .contains("arrivals/s before the drain (arrival_count)"),
+            "{quiet:?}"
+        );
+        assert_eq!(
+            quiet.rate_measured_by,
+            Some(arrivals::RateSource::ArrivalCount)
+        );
         drop(lifecycle);
     }
 
@@ -601,7 +630,12 @@ mod tests {
             serde_json::to_value(&view).unwrap(),
             serde_json::json!({
                 "policy": {"fixed_delay_ms": 5000},
-                "traffic": {"quiet_period_ms": null, "quiet_period_reason": null},
+                "traffic": {
+                    "quiet_period_ms": null,
+                    "quiet_period_reason": null,
+                    "arrival_rate_per_s": null,
+                    "arrival_rate_measured_by": null,
+                },
                 "lb_probes": {"unhealthy_threshold": null, "drained": null},
             })
         );

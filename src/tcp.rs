@@ -12,6 +12,7 @@ use std::fs;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use netlink_packet_core::{
     DoneBuffer, ErrorBuffer, NLA_HEADER_SIZE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
@@ -20,6 +21,7 @@ use netlink_packet_core::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_packet_sock_diag::constants::{
     AF_INET, AF_INET6, INET_DIAG_INFO, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY, TCP_SYN_RECV,
+    TCP_TIME_WAIT,
 };
 use netlink_packet_sock_diag::inet::nlas::TcpInfo;
 use netlink_packet_sock_diag::inet::{
@@ -45,6 +47,21 @@ pub struct Connection {
     /// tcp_info.bytes_received; None where the kernel's tcp_info could not be parsed. Some(0)
     /// for a handshake still in progress, which has no tcp_info yet but received nothing either.
     pub bytes_received: Option<u64>,
+    /// tcp_info.tcpi_last_data_recv: how long ago the socket last received data (or, if it never
+    /// did, was established), as the kernel reads it in jiffies (HZ 100 to 1000: up to 10 ms
+    /// off). Read from the struct's fixed start, so every kernel since 2.6 reports it. None for a
+    /// handshake still in progress or without tcp_info.
+    pub last_data_recv: Option<Duration>,
+}
+
+/// One sock_diag dump: connections to the app's ports, and the cookies of the sockets to other
+/// listening ports (what explains the namespace's other passive opens).
+#[derive(Debug, Default)]
+pub struct Dump {
+    pub connections: Vec<Connection>,
+    /// Every socket (TIME_WAIT included: a short connection lingers there) whose local port is
+    /// one of the `others` asked for, past its handshake.
+    pub others: Vec<u64>,
 }
 
 /// A sock_diag netlink socket for the network namespace drainit runs in (the pod's).
@@ -83,10 +100,22 @@ impl TcpSampler {
     /// Every non-listening TCP socket (IPv4 and IPv6; all states except LISTEN, TIME_WAIT and
     /// CLOSE) whose local port is in `ports`.
     pub fn connections(&mut self, ports: &[u16]) -> io::Result<Vec<Connection>> {
+        Ok(self.sockets(ports, &[])?.connections)
+    }
+
+    /// The connections to `ports` (as [`TcpSampler::connections`]) and, in the same dump, the
+    /// sockets to the `others` ports.
+    pub fn sockets(&mut self, ports: &[u16], others: &[u16]) -> io::Result<Dump> {
         let mut connections = Vec::new();
-        if ports.is_empty() {
-            return Ok(connections);
+        let mut other_sockets = Vec::new();
+        if ports.is_empty() && others.is_empty() {
+            return Ok(Dump::default());
         }
+        let states = if others.is_empty() {
+            connection_states()
+        } else {
+            connection_states() | StateFlags::TIME_WAIT
+        };
         let with_info = self.tcp_info;
         let extensions = if with_info {
             ExtensionFlags::INFO
@@ -97,15 +126,25 @@ impl TcpSampler {
         for family in [AF_INET, AF_INET6] {
             self.dump(
                 family,
-                connection_states(),
+                states.clone(),
                 extensions.clone(),
                 |header, nlas| {
                     let local_port = header.socket_id.source_port;
-                    if !ports.contains(&local_port) {
+                    let cookie = u64::from_ne_bytes(header.socket_id.cookie);
+                    if others.contains(&local_port) {
+                        // A request socket's accepted child gets a cookie of its own: counting
+                        // both would explain one passive open twice.
+                        if header.state != TCP_SYN_RECV {
+                            other_sockets.push(cookie);
+                        }
                         return;
                     }
+                    if !ports.contains(&local_port) || header.state == TCP_TIME_WAIT {
+                        return;
+                    }
+                    let info = if with_info { find_tcp_info(nlas) } else { None };
                     let bytes_received = if with_info {
-                        match find_tcp_info(nlas) {
+                        match info {
                             Some(info) => bytes_received(info).or_else(|| {
                                 info_unparseable = true;
                                 None
@@ -124,8 +163,9 @@ impl TcpSampler {
                             header.socket_id.destination_port,
                         ),
                         inode: header.inode,
-                        cookie: u64::from_ne_bytes(header.socket_id.cookie),
+                        cookie,
                         bytes_received,
+                        last_data_recv: info.and_then(last_data_recv),
                     });
                 },
             )?;
@@ -133,7 +173,10 @@ impl TcpSampler {
         if info_unparseable {
             self.tcp_info = false;
         }
-        Ok(connections)
+        Ok(Dump {
+            connections,
+            others: other_sockets,
+        })
     }
 
     /// Every listening TCP socket, IPv4 and IPv6.
@@ -293,6 +336,18 @@ fn bytes_received(tcp_info: &[u8]) -> Option<u64> {
     TcpInfo::parse(tcp_info)
         .ok()
         .map(|info| info.bytes_received)
+}
+
+/// Where tcpi_last_data_recv sits in struct tcp_info: after 8 one-byte fields and 11 u32s
+/// (rto, ato, snd_mss, rcv_mss, unacked, sacked, lost, retrans, fackets, last_data_sent,
+/// last_ack_sent), unchanged since Linux 2.6.
+const LAST_DATA_RECV_AT: usize = 8 + 11 * 4;
+
+/// tcpi_last_data_recv (ms) out of a kernel's struct tcp_info, of any length that holds it.
+fn last_data_recv(tcp_info: &[u8]) -> Option<Duration> {
+    let bytes = tcp_info.get(LAST_DATA_RECV_AT..LAST_DATA_RECV_AT + 4)?;
+    let ms = u32::from_ne_bytes(bytes.try_into().ok()?);
+    Some(Duration::from_millis(u64::from(ms)))
 }
 
 fn invalid(error: impl ToString) -> io::Error {
@@ -599,6 +654,33 @@ UdpLite: 0 0 0 0 0 0 0 0 0
     }
 
     #[test]
+    fn the_age_of_the_last_inbound_data_is_reported_and_other_ports_are_listed_apart() {
+        let app = TcpListener::bind("127.0.0.1:0").unwrap();
+        let other = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (app_port, other_port) = (
+            app.local_addr().unwrap().port(),
+            other.local_addr().unwrap().port(),
+        );
+        let (_client, _server) = connected(&app, 10);
+        // A short connection to the other port, closed by the server first: TIME_WAIT there.
+        let (client, server) = connected(&other, 10);
+        drop(server);
+        let mut buf = [0; 1];
+        let _ = (&client).read(&mut buf);
+        drop(client);
+        std::thread::sleep(Duration::from_millis(30));
+        let mut sampler = TcpSampler::new().unwrap();
+        let dump = sampler.sockets(&[app_port], &[other_port]).unwrap();
+        assert_eq!(dump.connections.len(), 1, "{dump:?}");
+        let age = dump.connections[0].last_data_recv.expect("tcp_info");
+        assert!(
+            age >= Duration::from_millis(20) && age < Duration::from_secs(5),
+            "{age:?}"
+        );
+        assert_eq!(dump.others.len(), 1, "the TIME_WAIT socket: {dump:?}");
+    }
+
+    #[test]
     fn dump_without_tcp_info_reports_no_bytes() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -639,6 +721,13 @@ UdpLite: 0 0 0 0 0 0 0 0 0
         assert_eq!(bytes_received(&info), Some(100));
         assert_eq!(bytes_received(&info[..136]), None);
         assert_eq!(bytes_received(&[]), None);
+        // The age of the last inbound data is read from the fixed start, on any kernel.
+        let rich = TcpInfo::parse(&info).unwrap().last_data_recv;
+        assert_eq!(
+            last_data_recv(&info[..136]),
+            Some(Duration::from_millis(u64::from(rich)))
+        );
+        assert_eq!(last_data_recv(&info[..LAST_DATA_RECV_AT + 3]), None);
     }
 
     /// A python3 child running `script`, and the port it prints first.

@@ -21,6 +21,14 @@
 //!   app's port every 500 ms would be arrivals too, outnumber the load and keep the watcher busy
 //!   until the removal whatever the quiet period.
 //!
+//! - At the limit (~300 requests/s over 20 kept-alive client connections, which HAProxy carries
+//!   to each replica over server connections it keeps alive): each drain ends within 1.3 s of the last request that reached its
+//!   replica (the app's own record), while a metrics sidecar in the same namespace, scraped on a
+//!   new connection every 500 ms, must not hold it.
+//!
+//! - 6 requests/s from one kept-alive client (each replica sees one connection carrying all its
+//!   requests), late removal at 6 s, auto quiet period: zero failures.
+//!
 //! Needs root, iproute2 (`ip netns`) and HAProxy; fails rather than skips without them.
 
 mod common;
@@ -35,8 +43,8 @@ use serde_json::Value;
 
 use common::{
     Arrivals, Clock, Counters, Drainit, Haproxy, HealthCheck, Load, LoadReport, Netns, Replica,
-    SLOW, body_of, demo, evidence, free_ports, get_request, haproxy_bin, is_event, opt_ms,
-    outputs_but, try_request,
+    SLOW, ScrapedListener, body_of, demo, evidence, free_ports, get_request, haproxy_bin, is_event,
+    opt_ms, outputs_but, try_request,
 };
 
 /// Every replica listens on the same ports, each in its own namespace.
@@ -55,10 +63,30 @@ const STEADY: Arrivals = Arrivals::Fixed(Duration::from_millis(7));
 /// least 5 of its samples (every 250 ms before the drain) saw traffic: a replica stopped ~1 s
 /// after its traffic began gets a drain-max quiet period whatever the volume.
 const WARMUP: Duration = Duration::from_secs(3);
+/// ~300 requests/s from 20 kept-alive clients; HAProxy carries them to the replicas over the
+/// server connections it keeps alive and reuses.
+const BUSY: Arrivals = Arrivals::KeptAlive {
+    connections: 20,
+    gap: Duration::from_micros(3333),
+};
+/// The bound on a drain at the limit: one 1 s quiet period after the last request, and a few
+/// readings' worth.
+const AT_THE_LIMIT_MS: i64 = 1300;
+/// A metrics sidecar's port in each replica's namespace.
+const SIDECAR_PORT: u16 = 9100;
 /// ~3 requests/s from independent clients.
 const LOW: Arrivals = Arrivals::Poisson(Duration::from_millis(333));
 /// The reason drainit logs when the watchers, not `--drain-max`, ended the drain.
 const WATCHERS_DRAINED: &str = "watchers report drained";
+/// drainit's flags where HAProxy checks `/ready`.
+const TRAFFIC_AND_LB_PROBES: &[&str] = &[
+    "--drain-watch",
+    "traffic,lb-probes",
+    "--drain-max",
+    "15s",
+    "--grace-period",
+    "20s",
+];
 /// drainit's flags for the late-removal scenarios: one configuration for removals anywhere from
 /// 0.5 s to 8 s after the drain begins.
 const TRAFFIC_WATCH: &[&str] = &[
@@ -75,18 +103,12 @@ fn ready_checks_traffic_and_lb_probes_end_the_drain_a_quiet_period_after_the_las
     let outcome = Scenario {
         label: "ready-checks",
         check: HealthCheck::DrainitReady,
-        drainit: &[
-            "--drain-watch",
-            "traffic,lb-probes",
-            "--drain-max",
-            "15s",
-            "--grace-period",
-            "20s",
-        ],
+        drainit: TRAFFIC_AND_LB_PROBES,
         arrivals: STEADY,
         warmup: WARMUP,
         removal: Removal::ByChecks,
         replace: 2,
+        sidecar: None,
     }
     .run();
     outcome.assert_no_request_lost();
@@ -100,6 +122,46 @@ fn ready_checks_traffic_and_lb_probes_end_the_drain_a_quiet_period_after_the_las
         assert!(
             step.drain.evidence["lb_probes_drained_ms"].is_u64(),
             "{}: the lb-probes watcher never reported drained: {}",
+            step.server,
+            step.drain.line
+        );
+    }
+}
+
+#[test]
+fn at_the_limit_each_drain_ends_within_1_3_s_of_its_last_request_and_a_sidecar_does_not_hold_it() {
+    let outcome = Scenario {
+        label: "at-the-limit",
+        check: HealthCheck::DrainitReady,
+        drainit: TRAFFIC_AND_LB_PROBES,
+        arrivals: BUSY,
+        // Readings of the sockets' ages (two a second) to size the quiet period from: the one
+        // taken as the load begins reads an old age, and weighs less the more follow it.
+        warmup: Duration::from_secs(15),
+        removal: Removal::ByChecks,
+        replace: 2,
+        sidecar: Some(Duration::from_millis(500)),
+    }
+    .run();
+    outcome.assert_no_request_lost();
+    outcome.assert_drains_ended_by_the_watchers_promptly();
+    for step in &outcome.steps {
+        let evidence = &step.drain.evidence;
+        assert_eq!(
+            evidence["arrival_rate_measured_by"], "socket_ages",
+            "{}: {}",
+            step.server, step.drain.line
+        );
+        let margin = step.term_after_last_request_ms.unwrap_or_else(|| {
+            panic!(
+                "{}: the app did not say when its last request came:\n{}",
+                step.server, step.output
+            )
+        });
+        assert!(
+            margin <= AT_THE_LIMIT_MS,
+            "{}: the app got its SIGTERM {margin} ms after its last request, more than \
+             {AT_THE_LIMIT_MS} ms: {}",
             step.server,
             step.drain.line
         );
@@ -137,8 +199,25 @@ fn late_removal_at_6s_fixed_2s_drain_delay_drops_requests() {
 
 #[test]
 fn late_removal_at_6s_low_traffic_auto_quiet_period_drops_no_request() {
+    low_traffic_late_removal("late-6s-low-traffic", LOW);
+}
+
+#[test]
+fn six_requests_a_second_on_one_kept_alive_client_late_removal_drops_no_request() {
+    low_traffic_late_removal(
+        "late-6s-one-connection",
+        Arrivals::KeptAlive {
+            connections: 1,
+            gap: Duration::from_millis(167),
+        },
+    );
+}
+
+/// Low traffic, taken out of rotation 6 s after the SIGTERM, with the auto quiet period: no
+/// request lost, and the drain ends about a quiet period after the last request.
+fn low_traffic_late_removal(label: &'static str, arrivals: Arrivals) {
     let outcome = Scenario {
-        label: "late-6s-low-traffic",
+        label,
         check: HealthCheck::None,
         drainit: &[
             "--drain-watch",
@@ -148,11 +227,12 @@ fn late_removal_at_6s_low_traffic_auto_quiet_period_drops_no_request() {
             "--grace-period",
             "25s",
         ],
-        arrivals: LOW,
+        arrivals,
         // Enough requests before the first drain for drainit to measure the rate.
         warmup: Duration::from_secs(8),
         removal: Removal::RuntimeApi(Duration::from_secs(6)),
         replace: 2,
+        sidecar: None,
     }
     .run();
     outcome.assert_no_request_lost();
@@ -195,6 +275,7 @@ fn late_removal(
         warmup: WARMUP,
         removal: Removal::RuntimeApi(after),
         replace: 2,
+        sidecar: None,
     }
 }
 
@@ -213,6 +294,8 @@ struct Scenario {
     removal: Removal,
     /// How many of the two replicas are replaced, one after the other.
     replace: usize,
+    /// A metrics sidecar in each replica's namespace, scraped this often.
+    sidecar: Option<Duration>,
 }
 
 /// What takes a stopping replica out of HAProxy's rotation.
@@ -249,6 +332,8 @@ struct Step {
     up_again_after: Duration,
     drain: DrainOver,
     late_arrivals: Vec<String>,
+    /// From the last request the app served to its SIGTERM, by the app's own clock.
+    term_after_last_request_ms: Option<i64>,
     /// The replaced replica's output.
     output: String,
 }
@@ -273,6 +358,15 @@ impl Scenario {
         let mut replicas = Replica::start_all(&["r1", "r2"], |server, netns| {
             self.start_replica(server, netns, &clock)
         });
+        let sidecars: Vec<ScrapedListener> = self
+            .sidecar
+            .map(|every| {
+                replicas
+                    .iter()
+                    .map(|r| ScrapedListener::start(&r.netns, SIDECAR_PORT, every))
+                    .collect()
+            })
+            .unwrap_or_default();
         let [frontend] = free_ports();
         let backends = Replica::backends(&replicas, APP_PORT, HEALTH_PORT);
         let haproxy = Haproxy::start(self.check, frontend, &backends, &clock);
@@ -341,6 +435,12 @@ impl Scenario {
                 step.up_again_after.as_millis(),
                 step.late_arrivals.len()
             );
+            println!(
+                "{label}: {}: the app got its SIGTERM {} ms after its last request",
+                step.server,
+                step.term_after_last_request_ms
+                    .map_or("?".to_owned(), |ms| ms.to_string())
+            );
             println!("{label}: {} evidence: {}", step.server, step.drain.evidence);
             for late in &step.late_arrivals {
                 println!("  late arrival: {late}");
@@ -366,6 +466,12 @@ impl Scenario {
         }
         if load.failures.len() > 20 {
             println!("  ... and {} more", load.failures.len() - 20);
+        }
+        for (server, sidecar) in ["r1", "r2"].iter().zip(&sidecars) {
+            println!(
+                "{label}: sidecar next to {server}: {} scrapes answered",
+                sidecar.scrapes()
+            );
         }
         println!(
             "{label}: scenario took {:.1} s",
@@ -474,6 +580,7 @@ impl Scenario {
             replica.drainit.proc.output()
         );
         let drain = drain_over(&replica.drainit);
+        let term_after_last_request_ms = term_after_last_request(&replica.drainit);
         let late_arrivals = replica
             .drainit
             .logs
@@ -529,6 +636,7 @@ impl Scenario {
             up_again_after,
             drain,
             late_arrivals,
+            term_after_last_request_ms,
             output,
         }
     }
@@ -696,6 +804,19 @@ fn drain_over(drainit: &Drainit) -> DrainOver {
         evidence: evidence(&log),
         line: log.to_string(),
     }
+}
+
+/// From the app's last request to its SIGTERM, both as the demo app printed them (unix ms).
+fn term_after_last_request(drainit: &Drainit) -> Option<i64> {
+    let millis_after = |prefix: &str| -> Option<i64> {
+        let line = drainit
+            .app
+            .wait_for(Duration::from_secs(2), |l| l.starts_with(prefix))?;
+        line.text.rsplit(' ').next()?.trim().parse().ok()
+    };
+    let term = millis_after("demo-app: signal TERM at ")?;
+    let last = millis_after("demo-app: last request at ")?;
+    Some(term - last)
 }
 
 fn outputs(replicas: &[Replica]) -> String {

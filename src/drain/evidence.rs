@@ -9,6 +9,8 @@ use std::time::Duration;
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
+use super::arrivals::RateSource;
+
 /// A source of evidence that the drain is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -72,6 +74,23 @@ pub struct Seen {
     pub last_request_ms: Option<i64>,
     pub last_new_connection_ms: Option<i64>,
     pub open_connections: usize,
+    /// The last arrival on the app's own ports: from its sockets' ages, or a new connection to
+    /// them. `last_request_ms` also counts what could not be attributed (see below).
+    pub last_app_arrival_ms: Option<i64>,
+    /// How `last_request_ms` was measured: `socket_ages` (when the data arrived, to a jiffy),
+    /// or `readings` (only known to be between two readings: taken at the later one).
+    pub last_request_measured_by: Option<LastRequestSource>,
+    /// Connections accepted during the drain that no socket explained (short ones, come and
+    /// gone between two readings): counted as the app's, at the reading that saw them.
+    pub unattributed_connections: u64,
+}
+
+/// How the last request's time was measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LastRequestSource {
+    SocketAges,
+    Readings,
 }
 
 /// What a watched drain was judged on: its bounds, the quiet period, the load balancers still
@@ -93,6 +112,12 @@ pub struct Judged {
     pub pending_checkers: Option<Vec<String>>,
     #[serde(flatten)]
     pub drained: DrainedAt,
+    /// For a drain the watchers ended: from the last request to the end.
+    #[serde(
+        rename = "last_request_margin_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub margin_ms: Option<i64>,
 }
 
 /// The quiet period a drain judges traffic against, and why that long.
@@ -102,6 +127,11 @@ pub struct Quiet {
     pub period: Duration,
     #[serde(rename = "quiet_period_reason")]
     pub reason: String,
+    /// The arrival rate before the drain, and how it was measured (see `drain::arrivals`).
+    #[serde(rename = "arrival_rate_per_s")]
+    pub rate_per_s: Option<f64>,
+    #[serde(rename = "arrival_rate_measured_by")]
+    pub rate_measured_by: Option<RateSource>,
 }
 
 /// When each watcher became drained, into the drain (the last time, if it changed its mind);
@@ -196,6 +226,9 @@ mod tests {
             last_request_ms: Some(1050),
             last_new_connection_ms: None,
             open_connections: 3,
+            last_app_arrival_ms: Some(1050),
+            last_request_measured_by: Some(LastRequestSource::SocketAges),
+            unattributed_connections: 0,
         }
     }
 
@@ -219,7 +252,11 @@ mod tests {
         };
         assert_eq!(
             evidence.to_string(),
-            r#"{"last_lb_probe_ms":-150,"last_new_connection_ms":null,"last_request_ms":1050,"load_balancers":2,"open_connections":3}"#
+            concat!(
+                r#"{"last_app_arrival_ms":1050,"last_lb_probe_ms":-150,"last_new_connection_ms":null,"#,
+                r#""last_request_measured_by":"socket_ages","last_request_ms":1050,"load_balancers":2,"#,
+                r#""open_connections":3,"unattributed_connections":0}"#
+            )
         );
     }
 
@@ -235,19 +272,26 @@ mod tests {
                 quiet: Some(Quiet {
                     period: MS(1500),
                     reason: "fixed by --quiet-period".into(),
+                    rate_per_s: Some(12.5),
+                    rate_measured_by: Some(RateSource::SocketAges),
                 }),
                 pending_checkers: Some(vec!["10.0.0.1 HAProxy".into()]),
                 drained,
+                margin_ms: Some(1010),
             }),
         };
         assert_eq!(
             evidence.to_string(),
             concat!(
-                r#"{"drain_max_ms":30000,"drain_min_ms":2000,"last_lb_probe_ms":-150,"#,
-                r#""last_new_connection_ms":null,"last_request_ms":1050,"#,
+                r#"{"arrival_rate_measured_by":"socket_ages","arrival_rate_per_s":12.5,"#,
+                r#""drain_max_ms":30000,"drain_min_ms":2000,"last_app_arrival_ms":1050,"#,
+                r#""last_lb_probe_ms":-150,"last_new_connection_ms":null,"#,
+                r#""last_request_margin_ms":1010,"last_request_measured_by":"socket_ages","#,
+                r#""last_request_ms":1050,"#,
                 r#""lb_checkers_pending":["10.0.0.1 HAProxy"],"lb_probes_drained_ms":300,"#,
                 r#""load_balancers":2,"open_connections":3,"quiet_period_ms":1500,"#,
-                r#""quiet_period_reason":"fixed by --quiet-period","traffic_drained_ms":null}"#
+                r#""quiet_period_reason":"fixed by --quiet-period","traffic_drained_ms":null,"#,
+                r#""unattributed_connections":0}"#
             )
         );
         assert!(evidence.drained(Watcher::LbProbes));
@@ -263,6 +307,7 @@ mod tests {
             quiet: None,
             pending_checkers: None,
             drained,
+            margin_ms: None,
         })
         .unwrap();
         let keys: Vec<&String> = json.as_object().unwrap().keys().collect();

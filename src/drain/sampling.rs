@@ -59,17 +59,21 @@ struct Cadence {
     sockets: Duration,
 }
 
-/// Before the drain only the arrival rate is needed (kept-alive requests seen less often only
-/// make the rate look lower, and the quiet period longer).
+/// Before the drain only the arrival rate is needed: each socket dump is one reading of the
+/// sockets' ages (see `drain::arrivals`), every 500 ms per 250 open connections.
 const BEFORE_DRAIN: Cadence = Cadence {
     counter: Duration::from_millis(250),
-    sockets: Duration::from_secs(2),
+    sockets: Duration::from_millis(500),
 };
-/// During the drain, new connections are seen within 100 ms and requests on kept-alive
-/// connections within 500 ms (a late sighting only makes the drain longer, never shorter).
+/// Connections one dump interval before the drain pays for.
+const CONNECTIONS_PER_INTERVAL: usize = 250;
+/// During the drain, every look reads both: quiet is vouched for only up to the older of the
+/// two readings, and the drain ends one quiet period after the last arrival, read from the
+/// sockets' ages, as soon as a look confirms nothing came since (a few seconds of dumps at
+/// 10/s: about 1-3 % of a core on a busy node, for the drain only).
 const DURING_DRAIN: Cadence = Cadence {
     counter: Duration::from_millis(100),
-    sockets: Duration::from_millis(500),
+    sockets: Duration::from_millis(100),
 };
 /// After the stop signal, until the app exits (seconds at most): late arrivals are worth seeing
 /// before the app is gone.
@@ -165,15 +169,49 @@ impl Plan {
     }
 }
 
+/// Spreads the looks before the drain uniformly over 50-150 % of their interval. Socket ages
+/// must be read at times unrelated to the arrivals: at a fixed cadence they would alias with
+/// periodic traffic (a health check every 500 ms read at the same phase every time).
+#[derive(Debug)]
+pub struct Jitter(u64);
+
+impl Jitter {
+    pub fn seeded() -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Jitter((nanos ^ u64::from(std::process::id()).rotate_left(32)) | 1)
+    }
+
+    /// When to look again at `stage` (sooner if the stage changes).
+    pub fn next_look_in(&mut self, stage: Stage) -> Duration {
+        let interval = stage.next_look_in();
+        if stage == Stage::BeforeDrain {
+            interval.mul_f64(0.5 + self.unit())
+        } else {
+            interval
+        }
+    }
+
+    /// xorshift64*, uniform in [0, 1).
+    fn unit(&mut self) -> f64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
 /// Before the drain, a dump costs more the more connections it returns (each with its tcp_info):
-/// keep it near the cost of 1,000 connections every 2 s, so watching stays under 1 % CPU.
+/// keep it near the cost of 250 connections every 500 ms (500 a second, about 2 ms of dumping a
+/// second with tcp_info), so watching stays under 1 % CPU.
 fn dump_interval_before_drain(open_connections: usize) -> Duration {
-    let thousands = u32::try_from(open_connections.div_ceil(1000))
+    let shares = u32::try_from(open_connections.div_ceil(CONNECTIONS_PER_INTERVAL))
         .unwrap_or(u32::MAX)
         .max(1);
     BEFORE_DRAIN
         .sockets
-        .saturating_mul(thousands)
+        .saturating_mul(shares)
         .min(SKIPPED_DUMPS_AT_MOST)
 }
 
@@ -245,6 +283,21 @@ mod tests {
     }
 
     #[test]
+    fn looks_before_the_drain_are_jittered_during_it_not() {
+        let mut jitter = Jitter::seeded();
+        let before: Vec<Duration> = (0..200)
+            .map(|_| jitter.next_look_in(Stage::BeforeDrain))
+            .collect();
+        assert!(
+            before.iter().all(|d| *d >= MS(125) && *d < MS(375)),
+            "{before:?}"
+        );
+        let early = before.iter().filter(|d| **d < MS(250)).count();
+        assert!((60..140).contains(&early), "{early} of 200 under 250 ms");
+        assert_eq!(jitter.next_look_in(Stage::Draining), MS(100));
+    }
+
+    #[test]
     fn before_the_drain_an_idle_app_is_dumped_every_10_s_at_most() {
         let looks = looks(false, Stage::BeforeDrain, IDLE, 20_000);
         assert!(looks[0].dump_sockets, "the first look dumps");
@@ -253,19 +306,19 @@ mod tests {
     }
 
     #[test]
-    fn before_the_drain_connections_are_dumped_every_2_s_more_per_thousand() {
+    fn before_the_drain_connections_are_dumped_every_500_ms_more_per_250() {
         let busy = Known {
             open_connections: 10,
             sockets_may_have_changed: true,
             ..IDLE
         };
-        assert_eq!(dumps(&looks(false, Stage::BeforeDrain, busy, 9_999)), 5);
+        assert_eq!(dumps(&looks(false, Stage::BeforeDrain, busy, 9_999)), 20);
         let crowded = Known {
-            open_connections: 2500,
+            open_connections: 1500,
             ..busy
         };
         let looks = looks(false, Stage::BeforeDrain, crowded, 11_999);
-        assert_eq!(dumps(&looks), 2, "every 6 s");
+        assert_eq!(dumps(&looks), 4, "every 3 s");
         assert_eq!(
             dump_interval_before_drain(usize::MAX),
             SKIPPED_DUMPS_AT_MOST
@@ -273,9 +326,9 @@ mod tests {
     }
 
     #[test]
-    fn during_the_drain_sockets_are_dumped_every_500_ms_idle_or_not() {
+    fn during_the_drain_sockets_are_dumped_at_every_look_idle_or_not() {
         let looks = looks(true, Stage::Draining, IDLE, 1_900);
-        assert_eq!(dumps(&looks), 4);
+        assert_eq!(dumps(&looks), 20);
         assert_eq!(discoveries(&looks), 0, "not during the drain");
         assert!(looks.iter().all(|l| !l.marks_stop));
     }

@@ -4,7 +4,7 @@
 //! ports. Arrivals are what count, not open connections: keep-alive pools hold connections open
 //! long after a load balancer stopped using them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use super::arrivals::{self, AgeSamples, Rate, RateSource};
 use super::evidence::Quiet;
-use super::sampling::{FIRST_LOOK_AFTER, Known, Plan, Stage};
+use super::sampling::{FIRST_LOOK_AFTER, Jitter, Known, Plan, Stage};
 use crate::lifecycle::State;
 use crate::tcp::{self, Connection, TcpSampler};
 
@@ -42,6 +43,10 @@ pub struct Observation {
     pub own_accepts: u64,
     /// Connections to the app's ports; `None` when sock_diag is unavailable.
     pub connections: Option<Vec<Connection>>,
+    /// Sockets (by cookie) to the namespace's other listening ports, not the app's nor
+    /// drainit's, when they were read (during the drain): what explains the passive opens that
+    /// are not the app's (a metrics sidecar scraped, or under `hostNetwork` the whole node).
+    pub others: Option<Vec<u64>>,
 }
 
 /// What the watcher has seen so far.
@@ -54,8 +59,24 @@ pub struct Traffic {
     accepts: Accepts,
     /// Times of observed activity (a sample's event count), for the rate before the drain.
     events: VecDeque<(Instant, u32)>,
+    /// The pod's age readings (the youngest socket's), for the rate from socket ages.
+    ages: AgeSamples,
+    /// The latest a request can have arrived (the app's, or unattributed): what quiet is
+    /// counted from.
     pub last_activity: Option<Instant>,
+    /// The earliest the last arrival can have been: what a reading with no socket to read
+    /// counts the pod's age from (never younger than the truth).
+    surely_arrived: Option<Instant>,
+    /// The last arrival seen on the app's own sockets (from their ages) or on new connections
+    /// attributed to its ports.
+    pub last_app_arrival: Option<Instant>,
     pub last_new_connection: Option<Instant>,
+    /// Sockets to other listening ports at the last reading of them (None before the first:
+    /// that one is the baseline, it explains nothing).
+    other_sockets: Option<HashSet<u64>>,
+    /// Passive opens during the drain no socket explained (a short connection come and gone
+    /// between readings, on the app's ports or another's): counted as the app's, at the reading.
+    pub unattributed_connections: u64,
     read: LastRead,
     late: LateArrivals,
     pub open_connections: usize,
@@ -83,6 +104,46 @@ impl Accepts {
         self.last = Some(app_accepts);
         new
     }
+}
+
+/// Whether a look during the drain reads the other listeners' sockets: for the first baseline,
+/// then only when the app's share of the counter moved (every dump of them walks every socket of
+/// the namespace, TIME_WAIT included: at 10 looks a second that is most of the drain's cost).
+/// Skipping looks with no new accept loses nothing: no socket to explain was accepted then.
+/// The counter is read a moment before the dump: a sidecar's connection accepted in between
+/// explains an increment of the look before it was counted, which can hide one short app
+/// connection come and gone in the same look (a connection still open is seen on its own).
+#[derive(Debug, Clone, Copy)]
+struct Attribution {
+    has_baseline: bool,
+    /// The app's accepts (less drainit's own) at the previous reading of the counter.
+    accepts: Option<u64>,
+}
+
+impl Attribution {
+    fn needs_others(self, accepts_now: Option<u64>) -> bool {
+        // Without the counter there is nothing for them to explain.
+        accepts_now.is_some() && (!self.has_baseline || accepts_now != self.accepts)
+    }
+}
+
+/// What one socket dump shows that the previous one did not.
+#[derive(Debug, Default)]
+struct SocketNews {
+    /// Connections not in the previous dump.
+    unseen: u64,
+    /// Of those, the ones past their handshake (counted as passive opens).
+    unseen_accepted: u64,
+    /// The latest of their arrivals.
+    newest_unseen: Option<Instant>,
+    /// Connections that received bytes since the previous dump.
+    receiving: u64,
+    /// New or receiving connections without an age (no tcp_info): known only from the reading.
+    fresh_unaged: u64,
+    /// The latest arrival on new or receiving connections, from their ages, and the earliest it
+    /// can have been.
+    newest: Option<Instant>,
+    earliest_newest: Option<Instant>,
 }
 
 /// When each kernel source was last read: quiet is only vouched for up to then.
@@ -118,8 +179,13 @@ impl Traffic {
             bytes_by_socket: HashMap::new(),
             accepts: Accepts::default(),
             events: VecDeque::new(),
+            ages: AgeSamples::default(),
             last_activity: None,
+            surely_arrived: None,
+            last_app_arrival: None,
             last_new_connection: None,
+            other_sockets: None,
+            unattributed_connections: 0,
             read: LastRead::default(),
             late: LateArrivals::default(),
             open_connections: 0,
@@ -135,6 +201,7 @@ impl Traffic {
             passive_opens,
             own_accepts,
             connections,
+            others,
         } = observation;
         let previous = self.read;
         let mut new_connections = 0;
@@ -142,53 +209,151 @@ impl Traffic {
             new_connections = self.accepts.counted(opens.saturating_sub(own_accepts));
             self.read.counter = Some(at);
         }
-        let mut receiving = 0;
-        if let Some(connections) = connections {
-            let knew_sockets = !self.bytes_by_socket.is_empty();
-            let unseen;
-            (unseen, receiving) = self.take_in_sockets(&connections);
-            // Without the kernel's passive-open counter, connections never seen before stand in.
-            if passive_opens.is_none() && knew_sockets {
-                new_connections = unseen;
-            }
-            self.read.sockets = Some(at);
-            self.accepts.at_last_dump = self.accepts.last;
-        }
-        let new_connections_read = if passive_opens.is_some() {
+        // New sockets to other listeners explain as many passive opens.
+        let explained = others.map(|others| self.take_in_others(others));
+        new_connections = new_connections.saturating_sub(explained.unwrap_or(0));
+        let counter_read = if passive_opens.is_some() {
             previous.counter
         } else {
             previous.sockets
         };
-        self.late.count(new_connections, new_connections_read);
+        // Arrivals known only from a reading: they came after the previous one, at the latest now.
+        let mut from_readings: Vec<(Option<Instant>, u64)> = vec![];
+        let mut receiving = 0;
+        if let Some(connections) = connections {
+            let knew_sockets = !self.bytes_by_socket.is_empty();
+            let news = self.take_in_sockets(&connections, at);
+            // Without the kernel's passive-open counter, connections never seen before stand in.
+            if passive_opens.is_none() && knew_sockets {
+                new_connections = news.unseen;
+            }
+            receiving = news.receiving;
+            let unattributed = new_connections.saturating_sub(news.unseen_accepted);
+            if explained.is_some() {
+                self.unattributed_connections += unattributed;
+            }
+            if new_connections > 0 {
+                self.last_new_connection = self.last_new_connection.max(news.newest_unseen);
+            }
+            if unattributed > 0 {
+                self.last_new_connection = Some(at);
+            }
+            from_readings.push((counter_read, unattributed));
+            from_readings.push((previous.sockets, news.fresh_unaged));
+            self.arrived(news.newest, news.earliest_newest);
+            self.sample_age(arrivals::youngest(&connections), at);
+            self.read.sockets = Some(at);
+            self.accepts.at_last_dump = self.accepts.last;
+        } else {
+            from_readings.push((counter_read, new_connections));
+            if new_connections > 0 {
+                self.last_new_connection = Some(at);
+            }
+            if self.open_connections == 0 && new_connections == 0 {
+                // Nothing open, nothing accepted: no socket could tell the pod's age.
+                self.sample_age(None, at);
+            }
+        }
+        for (since, events) in from_readings {
+            if events > 0 {
+                self.arrived_between(since, at);
+            }
+        }
+        self.late.count(new_connections, counter_read);
         self.late.count(receiving, previous.sockets);
         self.record_activity(new_connections, receiving, at)
     }
 
-    /// Takes in a socket dump; returns how many connections are new to it and how many received
-    /// bytes since the last one.
-    fn take_in_sockets(&mut self, connections: &[Connection]) -> (u64, u64) {
-        let (mut unseen, mut receiving) = (0, 0);
+    /// An arrival on the app's sockets at `latest` (from their ages), not before `earliest`.
+    fn arrived(&mut self, latest: Option<Instant>, earliest: Option<Instant>) {
+        self.last_app_arrival = self.last_app_arrival.max(latest);
+        self.last_activity = self.last_activity.max(latest);
+        self.surely_arrived = self.surely_arrived.max(earliest);
+    }
+
+    /// Arrivals known only from a reading at `at`: after `since` (the previous reading; with
+    /// none, they may be of any age, and bound nothing).
+    fn arrived_between(&mut self, since: Option<Instant>, at: Instant) {
+        self.last_activity = self.last_activity.max(Some(at));
+        self.surely_arrived = self.surely_arrived.max(since);
+    }
+
+    /// Takes in a reading of the pod's age, if one is due: the youngest socket's, or the time
+    /// since the last arrival surely was, whichever is younger (both never younger than the truth).
+    fn sample_age(&mut self, youngest: Option<Duration>, at: Instant) {
+        if !self.ages.due(at) {
+            return;
+        }
+        let since_last = self.surely_arrived.map(|t| at.saturating_duration_since(t));
+        let age = match (youngest, since_last) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(age) = age {
+            self.ages.record(at, age, RATE_WINDOW);
+        }
+    }
+
+    /// Takes in the sockets to other listening ports; returns how many are new.
+    fn take_in_others(&mut self, others: Vec<u64>) -> u64 {
+        let current: HashSet<u64> = others.into_iter().collect();
+        let new = self
+            .other_sockets
+            .as_ref()
+            .map_or(0, |before| current.difference(before).count());
+        self.other_sockets = Some(current);
+        new as u64
+    }
+
+    /// Takes in a socket dump made at `at`: what is new since the last one.
+    fn take_in_sockets(&mut self, connections: &[Connection], at: Instant) -> SocketNews {
+        let mut news = SocketNews::default();
         let mut current = HashMap::with_capacity(connections.len());
         for conn in connections {
-            match self.bytes_by_socket.get(&conn.cookie) {
-                Some(before) if conn.bytes_received > *before => receiving += 1,
-                Some(_) => {}
-                None => unseen += 1,
+            let arrival = conn.last_data_recv.map(|age| {
+                (
+                    arrivals::arrived(at, age),
+                    at.checked_sub(age + arrivals::TICK),
+                )
+            });
+            let fresh = match self.bytes_by_socket.get(&conn.cookie) {
+                Some(before) if conn.bytes_received > *before => {
+                    news.receiving += 1;
+                    true
+                }
+                Some(_) => false,
+                None => {
+                    news.unseen += 1;
+                    // Past its handshake: the passive open the counter saw.
+                    if conn.inode != 0 || conn.bytes_received != Some(0) {
+                        news.unseen_accepted += 1;
+                        news.newest_unseen = news
+                            .newest_unseen
+                            .max(Some(arrival.map_or(at, |(latest, _)| latest)));
+                    }
+                    true
+                }
+            };
+            if fresh {
+                match arrival {
+                    Some((latest, earliest)) => {
+                        news.newest = news.newest.max(Some(latest));
+                        news.earliest_newest = news.earliest_newest.max(earliest);
+                    }
+                    None => news.fresh_unaged += 1,
+                }
             }
             current.insert(conn.cookie, conn.bytes_received);
         }
         self.open_connections = connections.len();
         self.bytes_by_socket = current;
-        (unseen, receiving)
+        news
     }
 
+    /// Counts the events of a reading at `at`, for the counted rate.
     fn record_activity(&mut self, new_connections: u64, receiving: u64, at: Instant) -> u32 {
         let events = u32::try_from(new_connections + receiving).unwrap_or(u32::MAX);
-        if new_connections > 0 {
-            self.last_new_connection = Some(at);
-        }
         if events > 0 {
-            self.last_activity = Some(at);
             self.events.push_back((at, events));
         }
         while self
@@ -199,6 +364,14 @@ impl Traffic {
             self.events.pop_front();
         }
         events
+    }
+
+    /// What deciding whether to read the other listeners' sockets needs.
+    fn attribution(&self) -> Attribution {
+        Attribution {
+            has_baseline: self.other_sockets.is_some(),
+            accepts: self.accepts.last,
+        }
     }
 
     /// What the sampling plan needs to know.
@@ -228,17 +401,38 @@ impl Traffic {
         self.late.events
     }
 
-    /// When a kernel counter was last read.
+    /// Up to when both kernel sources have been read: quiet is vouched for up to the older
+    /// reading (requests on kept-alive connections are seen only by a socket dump, short
+    /// connections only by the counter).
     fn last_observed(&self) -> Option<Instant> {
-        self.read.counter.max(self.read.sockets)
+        match (self.read.counter, self.read.sockets) {
+            (Some(counter), Some(sockets)) if !self.ports.is_empty() => Some(counter.min(sockets)),
+            (counter, sockets) => counter.or(sockets),
+        }
+    }
+
+    /// The arrival rate over the window before `until`: the higher of the rate from socket ages
+    /// and the rate from counted arrivals, both of which never overstate it (see
+    /// [`arrivals`]); None if neither has enough readings to say.
+    pub fn rate(&self, until: Instant) -> Option<Rate> {
+        let from = self.window_start(until);
+        let counted = self.counted_rate(until).map(|per_s| Rate {
+            per_s,
+            source: RateSource::ArrivalCount,
+        });
+        Rate::max(self.ages.rate(from, until), counted)
+    }
+
+    fn window_start(&self, until: Instant) -> Instant {
+        until
+            .checked_sub(RATE_WINDOW)
+            .unwrap_or(self.started)
+            .max(self.started)
     }
 
     /// Events per second over the window before `until`, if enough were seen to say.
-    pub fn rate(&self, until: Instant) -> Option<f64> {
-        let from = until
-            .checked_sub(RATE_WINDOW)
-            .unwrap_or(self.started)
-            .max(self.started);
+    fn counted_rate(&self, until: Instant) -> Option<f64> {
+        let from = self.window_start(until);
         let events: u64 = self
             .events
             .iter()
@@ -263,11 +457,15 @@ impl Traffic {
     pub fn status(&self, now: Instant) -> Value {
         let ago =
             |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+        let rate = self.rate(now);
         json!({
             "ports": self.ports,
             "open_connections": self.open_connections,
-            "rate_per_s": self.rate(now),
+            "rate_per_s": rate.map(|r| r.per_s),
+            "rate_measured_by": rate.map(|r| r.source.label()),
             "last_activity_ms_ago": ago(self.last_activity),
+            "last_app_arrival_ms_ago": ago(self.last_app_arrival),
+            "unattributed_connections": self.unattributed_connections,
             "last_new_connection_ms_ago": ago(self.last_new_connection),
             "late_events": self.late.events,
             "blind_spot": self.blind_spot,
@@ -289,16 +487,17 @@ impl QuietPeriod {
     /// that happens with probability about r * W * e^(-rT). T = ln(1000 * max(1, rW)) / r makes
     /// it 0.1 % for the whole drain, not just for one gap. Never under 1 s, never past `max`;
     /// with no measurable rate, `max`.
-    pub fn resolve(self, rate: Option<f64>, max: Duration) -> Quiet {
-        let (period, reason) = match (self, rate) {
+    pub fn resolve(self, measured: Option<Rate>, max: Duration) -> Quiet {
+        let (period, reason) = match (self, measured.map(|r| r.per_s)) {
             (QuietPeriod::Fixed(period), _) => (period, "fixed by --quiet-period".into()),
             (QuietPeriod::Auto, Some(rate)) if rate > 0.0 => {
                 let chances = (rate * max.as_secs_f64()).max(1.0);
                 let seconds = (chances / MISS_PROBABILITY).ln() / rate;
                 let period = Duration::try_from_secs_f64(seconds).unwrap_or(max);
                 let clamped = period.clamp(MIN_QUIET, max.max(MIN_QUIET));
+                let how = measured.map_or("", |r| r.source.label());
                 let why = format!(
-                    "auto: {rate:.2} arrivals/s before the drain; a {period:.1?} gap has a 0.1% chance within --drain-max"
+                    "auto: {rate:.2} arrivals/s before the drain ({how}); a {period:.1?} gap has a 0.1% chance within --drain-max"
                 );
                 (clamped, why)
             }
@@ -307,7 +506,12 @@ impl QuietPeriod {
                 "auto: too little traffic before the drain to measure, using --drain-max".into(),
             ),
         };
-        Quiet { period, reason }
+        Quiet {
+            period,
+            reason,
+            rate_per_s: measured.map(|r| r.per_s),
+            rate_measured_by: measured.map(|r| r.source),
+        }
     }
 }
 
@@ -327,6 +531,7 @@ pub async fn monitor(
 ) {
     let mut sampler = open_sampler(&traffic);
     let mut plan = Plan::new(given_ports.is_empty());
+    let mut jitter = Jitter::seeded();
     let _ = tokio::time::timeout(FIRST_LOOK_AFTER, state.changed()).await;
     if !state.borrow().is_alive() {
         return;
@@ -345,8 +550,10 @@ pub async fn monitor(
             use_ports(&traffic, ports);
         }
         let ports = look.dump_sockets.then(|| lock(&traffic).ports.clone());
+        let attribute = (look.dump_sockets && stage != Stage::BeforeDrain)
+            .then(|| lock(&traffic).attribution());
         let observation;
-        (sampler, observation) = observe(sampler.take(), ports, own_port.clone()).await;
+        (sampler, observation) = observe(sampler.take(), ports, attribute, own_port.clone()).await;
         if look.dump_sockets {
             plan.sockets_read(Instant::now());
         }
@@ -361,7 +568,7 @@ pub async fn monitor(
             return;
         }
         // Wake early when the phase changes, so sampling speeds up as soon as the drain starts.
-        let _ = tokio::time::timeout(stage.next_look_in(), state.changed()).await;
+        let _ = tokio::time::timeout(jitter.next_look_in(stage), state.changed()).await;
     }
 }
 
@@ -421,21 +628,58 @@ async fn off_thread<T: Default + Send + 'static>(
     }
 }
 
-/// Reads the connection counter, and the app's sockets when `ports` is given.
+/// Reads the connection counter, and the app's sockets when `ports` is given; with `attribute`,
+/// the sockets to the namespace's other listeners too if they could explain anything.
 async fn observe(
     sampler: Option<TcpSampler>,
     ports: Option<Vec<u16>>,
+    attribute: Option<Attribution>,
     own_port: OwnPort,
 ) -> (Option<TcpSampler>, Observation) {
     off_thread(sampler, move |sampler| {
         let (passive_opens, own_accepts) = own_port.passive_opens();
+        let app_accepts = passive_opens.map(|opens| opens.saturating_sub(own_accepts));
+        let attribute = attribute.is_some_and(|a| a.needs_others(app_accepts));
+        let (connections, others) = match (ports, sampler.as_mut()) {
+            (Some(ports), Some(sampler)) => read_sockets(sampler, &ports, attribute, own_port.port),
+            _ => (None, None),
+        };
         Observation {
             passive_opens,
             own_accepts,
-            connections: ports.and_then(|ports| sampler.as_mut()?.connections(&ports).ok()),
+            connections,
+            others,
         }
     })
     .await
+}
+
+/// The app's connections and, with `attribute`, the sockets to every other listening port but
+/// drainit's own (whose connections are counted apart).
+fn read_sockets(
+    sampler: &mut TcpSampler,
+    ports: &[u16],
+    attribute: bool,
+    own_port: u16,
+) -> (Option<Vec<Connection>>, Option<Vec<u64>>) {
+    let others: Option<Vec<u16>> =
+        attribute
+            .then(|| sampler.listeners().ok())
+            .flatten()
+            .map(|listeners| {
+                let mut others: Vec<u16> = listeners
+                    .into_iter()
+                    .map(|l| l.port)
+                    .filter(|port| *port != own_port && !ports.contains(port))
+                    .collect();
+                others.sort_unstable();
+                others.dedup();
+                others
+            });
+    match sampler.sockets(ports, others.as_deref().unwrap_or(&[])) {
+        Ok(dump) => (Some(dump.connections), others.map(|_| dump.others)),
+        Err(_) => (None, None),
+    }
 }
 
 /// drainit's own probe port: connections to it are never the app's traffic, however many.
@@ -571,6 +815,7 @@ mod tests {
             inode: 0,
             cookie,
             bytes_received: Some(bytes),
+            last_data_recv: None,
         }
     }
 
@@ -579,6 +824,7 @@ mod tests {
             passive_opens: Some(passive),
             own_accepts: own,
             connections: Some(conns),
+            others: None,
         }
     }
 
@@ -691,11 +937,123 @@ mod tests {
             passive_opens: None,
             own_accepts: 0,
             connections: Some(conns),
+            others: None,
         };
         traffic.observe(blind(vec![conn(1, 10)]), t0);
         assert_eq!(
             traffic.observe(blind(vec![conn(1, 10), conn(2, 50)]), t0 + MS(100)),
             1
+        );
+    }
+
+    fn aged(cookie: u64, bytes: u64, age_ms: u64) -> Connection {
+        Connection {
+            inode: 1,
+            last_data_recv: Some(MS(age_ms)),
+            ..conn(cookie, bytes)
+        }
+    }
+
+    #[test]
+    fn the_last_request_is_when_its_data_arrived_not_when_it_was_read() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        traffic.observe(obs(5, 0, vec![aged(1, 100, 900)]), t0);
+        // Read 500 ms later: the data arrived 400 ms before the reading (10 ms jiffy allowance).
+        traffic.observe(obs(5, 0, vec![aged(1, 180, 400)]), t0 + MS(500));
+        assert_eq!(traffic.last_activity, Some(t0 + MS(110)));
+        assert_eq!(traffic.last_app_arrival, Some(t0 + MS(110)));
+        assert_eq!(traffic.quiet_for(t0), MS(390));
+        // A new connection seen by the dump: when it last received, not the reading.
+        traffic.observe(
+            obs(6, 0, vec![aged(1, 180, 500), aged(2, 50, 60)]),
+            t0 + MS(600),
+        );
+        assert_eq!(traffic.last_new_connection, Some(t0 + MS(550)));
+    }
+
+    #[test]
+    fn other_listeners_connections_do_not_hold_the_drain_unexplained_ones_do() {
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        let with_others = |passive, others: Vec<u64>| Observation {
+            others: Some(others),
+            ..obs(passive, 0, vec![aged(1, 100, 5000)])
+        };
+        traffic.observe(with_others(10, vec![70]), t0);
+        let before = traffic.last_activity;
+        assert!(
+            before.is_some_and(|t| t < t0),
+            "the open connection's last request"
+        );
+        // A metrics scrape: one passive open, one new socket to the sidecar's port.
+        traffic.observe(with_others(11, vec![70, 71]), t0 + MS(100));
+        assert_eq!(traffic.last_activity, before, "{traffic:?}");
+        assert_eq!(traffic.unattributed_connections, 0);
+        // A short connection nobody saw: counted as the app's, at the reading, and said so.
+        traffic.observe(with_others(12, vec![70, 71]), t0 + MS(200));
+        assert_eq!(traffic.last_activity, Some(t0 + MS(200)));
+        assert_eq!(traffic.last_new_connection, Some(t0 + MS(200)));
+        assert_eq!(traffic.unattributed_connections, 1);
+        assert_eq!(traffic.last_app_arrival, before);
+    }
+
+    #[test]
+    fn the_rate_from_socket_ages_counts_requests_on_kept_alive_connections() {
+        // 100 requests/s on 3 kept-alive connections: the count sees at most 3 per reading.
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        for i in 0..=15u64 {
+            let bytes = 100 * (i + 1);
+            let conns = vec![aged(1, bytes, 4), aged(2, bytes, 12), aged(3, bytes, 30)];
+            traffic.observe(obs(3, 0, conns), t0 + MS(i * 2000));
+        }
+        let rate = traffic.rate(t0 + MS(30_000)).unwrap();
+        assert_eq!(rate.source, RateSource::SocketAges);
+        assert!(
+            rate.per_s > 10.0 && rate.per_s <= arrivals::CEILING,
+            "{rate:?}"
+        );
+        assert!(traffic.counted_rate(t0 + MS(30_000)).unwrap() < 2.0);
+    }
+
+    #[test]
+    fn idle_readings_still_weigh_in_the_rate() {
+        // One burst, then nothing open and nothing accepted: the readings without a dump
+        // count the time since the burst, so the rate falls.
+        let t0 = Instant::now();
+        let mut traffic = Traffic::new(vec![8080], t0);
+        traffic.observe(obs(0, 0, vec![aged(1, 100, 5)]), t0);
+        traffic.observe(obs(1, 0, vec![]), t0 + MS(250));
+        for i in 2..=30u64 {
+            traffic.observe(
+                Observation {
+                    connections: None,
+                    ..obs(1, 0, vec![])
+                },
+                t0 + MS(i * 2000),
+            );
+        }
+        let rate = traffic.ages.rate(t0, t0 + MS(60_000)).unwrap();
+        assert!(rate.per_s < 0.1, "{rate:?}");
+    }
+
+    #[test]
+    fn other_listeners_are_read_for_a_baseline_then_only_when_the_counter_moved() {
+        let first = Attribution {
+            has_baseline: false,
+            accepts: Some(5),
+        };
+        assert!(first.needs_others(Some(5)));
+        let then = Attribution {
+            has_baseline: true,
+            ..first
+        };
+        assert!(!then.needs_others(Some(5)));
+        assert!(then.needs_others(Some(6)));
+        assert!(
+            !first.needs_others(None),
+            "nothing to explain without the counter"
         );
     }
 
@@ -707,14 +1065,14 @@ mod tests {
         for i in 0..=100u64 {
             steady.observe(obs(i, 0, vec![]), t0 + MS(i * 100));
         }
-        let rate = steady.rate(t0 + MS(10_000)).unwrap();
+        let rate = steady.counted_rate(t0 + MS(10_000)).unwrap();
         assert!((rate - 10.0).abs() < 0.5, "{rate}");
         // Slow: 3 a second for 20 s.
         let mut slow = Traffic::new(vec![], t0);
         for i in 0..=60u64 {
             slow.observe(obs(i, 0, vec![]), t0 + MS(i * 333));
         }
-        let rate = slow.rate(t0 + MS(20_000)).unwrap();
+        let rate = slow.counted_rate(t0 + MS(20_000)).unwrap();
         assert!((rate - 3.0).abs() < 0.2, "{rate}");
         // Bursty: 50 at once every 5 s over 20 s = 10/s on average.
         let mut bursty = Traffic::new(vec![], t0);
@@ -724,7 +1082,7 @@ mod tests {
             total += 50;
             bursty.observe(obs(total, 0, vec![]), t0 + MS(i * 5000 + 100));
         }
-        let rate = bursty.rate(t0 + MS(20_100)).unwrap();
+        let rate = bursty.counted_rate(t0 + MS(20_100)).unwrap();
         assert!((rate - 12.4).abs() < 1.0, "{rate}");
         // Busy for just one second (four samples): 90 events are plenty to measure.
         let mut brief = Traffic::new(vec![], t0);
@@ -732,43 +1090,54 @@ mod tests {
             brief.observe(obs(total, 0, vec![]), t0 + MS(i as u64 * 333));
         }
         let rate = brief
-            .rate(t0 + MS(1000))
+            .counted_rate(t0 + MS(1000))
             .expect("a rate from one busy second");
         assert!((rate - 90.0).abs() < 1.0, "{rate}");
         // Too few events: no rate.
         let mut idle = Traffic::new(vec![], t0);
         idle.observe(obs(0, 0, vec![]), t0);
         idle.observe(obs(2, 0, vec![]), t0 + MS(5000));
-        assert_eq!(idle.rate(t0 + MS(10_000)), None);
+        assert_eq!(idle.counted_rate(t0 + MS(10_000)), None);
+    }
+
+    fn counted(per_s: f64) -> Option<Rate> {
+        Some(Rate {
+            per_s,
+            source: RateSource::ArrivalCount,
+        })
     }
 
     #[test]
     fn the_auto_quiet_period_follows_the_rate_within_bounds() {
         let max = Duration::from_secs(30);
-        let fast = QuietPeriod::Auto.resolve(Some(200.0), max).period;
+        let fast = QuietPeriod::Auto.resolve(counted(200.0), max).period;
         assert_eq!(fast, MIN_QUIET, "at 200/s, 35 ms would do: never under 1 s");
         // 3/s over a 30 s drain: 90 chances of a gap, ln(90,000)/3 = 3.80 s.
         let Quiet {
             period: slow,
             reason: why,
-        } = QuietPeriod::Auto.resolve(Some(3.0), max);
+            ..
+        } = QuietPeriod::Auto.resolve(counted(3.0), max);
         assert!((slow.as_secs_f64() - 3.80).abs() < 0.01, "{slow:?}");
         assert!(why.contains("3.00 arrivals/s"), "{why}");
         // The shorter the drain, the fewer chances: 3/s over 5 s gives ln(15,000)/3 = 3.21 s.
         let short = QuietPeriod::Auto
-            .resolve(Some(3.0), Duration::from_secs(5))
+            .resolve(counted(3.0), Duration::from_secs(5))
             .period;
         assert!((short.as_secs_f64() - 3.21).abs() < 0.01, "{short:?}");
-        let rare = QuietPeriod::Auto.resolve(Some(0.1), max).period;
+        let rare = QuietPeriod::Auto.resolve(counted(0.1), max).period;
         assert_eq!(rare, max, "80 s would do: never past --drain-max");
         let Quiet {
             period: unknown,
             reason: why,
+            ..
         } = QuietPeriod::Auto.resolve(None, max);
         assert_eq!(unknown, max);
         assert!(why.contains("too little traffic"), "{why}");
         assert_eq!(
-            QuietPeriod::Fixed(MS(700)).resolve(Some(5.0), max).period,
+            QuietPeriod::Fixed(MS(700))
+                .resolve(counted(5.0), max)
+                .period,
             MS(700)
         );
     }

@@ -47,6 +47,11 @@ impl Serialize for TrafficVerdict {
         let quiet = self.quiet.as_ref();
         map.serialize_entry("quiet_period_ms", &quiet.map(|q| as_millis(q.period)))?;
         map.serialize_entry("quiet_period_reason", &quiet.map(|q| &q.reason))?;
+        map.serialize_entry("arrival_rate_per_s", &quiet.and_then(|q| q.rate_per_s))?;
+        map.serialize_entry(
+            "arrival_rate_measured_by",
+            &quiet.and_then(|q| q.rate_measured_by),
+        )?;
         if let Some(drained) = self.drained {
             map.serialize_entry("drained", &drained)?;
         }

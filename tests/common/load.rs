@@ -17,12 +17,15 @@ pub enum Arrivals {
     Fixed(Duration),
     /// A Poisson process with this mean gap (exponential gaps), as independent clients send.
     Poisson(Duration),
+    /// One request every `gap` in all, from `connections` kept-alive clients taking turns (each
+    /// sends every `connections * gap`, on its own connection, reconnecting if it breaks).
+    KeptAlive { connections: u32, gap: Duration },
 }
 
 impl Arrivals {
     pub fn mean_gap(self) -> Duration {
         match self {
-            Arrivals::Fixed(gap) | Arrivals::Poisson(gap) => gap,
+            Arrivals::Fixed(gap) | Arrivals::Poisson(gap) | Arrivals::KeptAlive { gap, .. } => gap,
         }
     }
 }
@@ -67,6 +70,36 @@ impl Load {
     pub fn start(addr: SocketAddr, arrivals: Arrivals, clock: &Clock) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stats = Arc::new(LoadStats::default());
+        if let Arrivals::KeptAlive { connections, gap } = arrivals {
+            let dispatcher = {
+                let (stop, stats, clock) = (stop.clone(), stats.clone(), clock.clone());
+                thread::spawn(move || {
+                    let clients: Vec<JoinHandle<()>> = (0..connections)
+                        .map(|i| {
+                            let (stop, stats, clock) = (stop.clone(), stats.clone(), clock.clone());
+                            let first = Instant::now() + gap * i;
+                            thread::spawn(move || {
+                                KeptAlive::new(addr).run(
+                                    first,
+                                    gap * connections,
+                                    &stop,
+                                    &stats,
+                                    &clock,
+                                )
+                            })
+                        })
+                        .collect();
+                    for client in clients {
+                        client.join().expect("a kept-alive client panicked");
+                    }
+                })
+            };
+            return Load {
+                stop,
+                dispatcher: Some(dispatcher),
+                stats,
+            };
+        }
         let dispatcher = {
             let (stop, stats, clock) = (stop.clone(), stats.clone(), clock.clone());
             thread::spawn(move || {
@@ -82,7 +115,9 @@ impl Load {
                     in_flight.push(worker);
                     in_flight.retain(|t| !t.is_finished());
                     let gap = match arrivals {
-                        Arrivals::Fixed(interval) => interval,
+                        Arrivals::Fixed(interval) | Arrivals::KeptAlive { gap: interval, .. } => {
+                            interval
+                        }
                         Arrivals::Poisson(mean) => mean.mul_f64(random.exponential()),
                     };
                     // After a stall (a busy machine), go on from now, no burst.
@@ -155,9 +190,98 @@ impl XorShift {
     }
 }
 
+/// A client that keeps its connection to the load balancer alive across requests.
+struct KeptAlive {
+    addr: SocketAddr,
+    stream: Option<TcpStream>,
+}
+
+impl KeptAlive {
+    fn new(addr: SocketAddr) -> Self {
+        KeptAlive { addr, stream: None }
+    }
+
+    /// Sends a request every `period` from `first` until `stop`; after a stall, goes on from now.
+    fn run(
+        mut self,
+        first: Instant,
+        period: Duration,
+        stop: &AtomicBool,
+        stats: &LoadStats,
+        clock: &Clock,
+    ) {
+        let mut next = first;
+        while !stop.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            if now < next {
+                thread::sleep((next - now).min(Duration::from_millis(50)));
+                continue;
+            }
+            record(stats, clock, now, self.request());
+            next = (next + period).max(Instant::now());
+        }
+    }
+
+    fn request(&mut self) -> Result<(), String> {
+        let result = self.try_request();
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    fn try_request(&mut self) -> Result<(), String> {
+        if self.stream.is_none() {
+            let stream = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2))
+                .map_err(|e| format!("connect: {e}"))?;
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .map_err(|e| format!("socket options: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            self.stream = Some(stream);
+        }
+        let stream = self.stream.as_mut().expect("connected");
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: e2e\r\n\r\n")
+            .map_err(|e| format!("write: {e}"))?;
+        let response = read_response(stream)?;
+        check_response(&response)
+    }
+}
+
+/// One HTTP/1.1 response with a Content-Length body, read off a kept-alive connection.
+fn read_response(stream: &mut TcpStream) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0; 4096];
+    loop {
+        if let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if bytes.len() >= end + 4 + length {
+                return Ok(String::from_utf8_lossy(&bytes).into_owned());
+            }
+        }
+        let n = stream
+            .read(&mut chunk)
+            .map_err(|e| format!("read: {e} (got {} bytes)", bytes.len()))?;
+        if n == 0 {
+            return Err(format!("connection closed (got {} bytes)", bytes.len()));
+        }
+        bytes.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn one_load_request(addr: SocketAddr, stats: &LoadStats, clock: &Clock) {
     let started = Instant::now();
-    let result = request(addr);
+    record(stats, clock, started, request(addr));
+}
+
+/// Counts one request sent at `started`, and its failure if it failed.
+fn record(stats: &LoadStats, clock: &Clock, started: Instant, result: Result<(), String>) {
     let took = started.elapsed();
     stats.requests.fetch_add(1, Ordering::Relaxed);
     stats
@@ -195,7 +319,11 @@ fn request(addr: SocketAddr) -> Result<(), String> {
     stream
         .read_to_end(&mut response)
         .map_err(|e| format!("read: {e} (got {} bytes)", response.len()))?;
-    let response = String::from_utf8_lossy(&response);
+    check_response(&String::from_utf8_lossy(&response))
+}
+
+/// Ok only for a 200 from the demo app.
+fn check_response(response: &str) -> Result<(), String> {
     let status_line = response.lines().next().unwrap_or("");
     if !status_line.starts_with("HTTP/1.1 200 ") {
         let first = if status_line.is_empty() {

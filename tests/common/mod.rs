@@ -18,6 +18,7 @@ pub mod netns;
 pub mod process;
 pub mod procfs;
 pub mod refused;
+pub mod scraped;
 
 pub use binaries::{demo_app_bin, drainit_bin};
 pub use checker::Checker;
@@ -34,3 +35,4 @@ pub use netns::{Netns, Replica, outputs_but};
 pub use process::{Proc, wait_timeout};
 pub use procfs::{children_of, first_child, is_running, parent_of, resident_kb};
 pub use refused::{assert_refused, refused_with};
+pub use scraped::ScrapedListener;
