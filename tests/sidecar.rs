@@ -455,8 +455,12 @@ fn one_address_cannot_take_every_waiting_place() {
         *answers.entry(code(stream)).or_insert(0) += 1;
     }
     println!("one address, 200 waiters: {answers:?}");
+    // The rest get 503 at once, or are cut unanswered by the per-address connection limit (64)
+    // when they pile up faster than their 503s are read: neither waits.
     assert_eq!(answers.get("409"), Some(&4), "{answers:?}");
-    assert_eq!(answers.get("503"), Some(&196), "{answers:?}");
+    let refused = answers.get("503").copied().unwrap_or(0);
+    let cut = answers.get("none").copied().unwrap_or(0);
+    assert!(refused > 0 && refused + cut == 196, "{answers:?}");
     assert_eq!(
         code(kubelet),
         "409",
