@@ -67,7 +67,12 @@ impl RunConfig {
             &wrapper_only,
             "drainit -- app, not drainit sidecar (the kubelet stops the app's container)",
         )?;
-        Self::checked(&args)
+        let mut config = Self::checked(&args)?;
+        // No app process to scope the default check's ports to: every listener in the pod.
+        if let Some(AppCheck::Listen { pod_wide, .. }) = &mut config.readiness.check {
+            *pod_wide = true;
+        }
+        Ok(config)
     }
 
     pub fn mode(&self) -> Mode {
@@ -108,7 +113,10 @@ impl RunConfig {
 /// never calls an app ready that cannot take a connection yet. `--ready-tcp none` turns checks
 /// off, and with them every option that tunes one.
 fn readiness(args: &RunArgs) -> Result<ReadinessConfig, StartupError> {
-    let listen = || AppCheck::Listen(args.app_ports.clone());
+    let listen = || AppCheck::Listen {
+        ports: args.app_ports.clone(),
+        pod_wide: false,
+    };
     let check = match (&args.ready_http, &args.ready_tcp, &args.ready_exec) {
         (Some(url), _, _) => Some(AppCheck::http(url)?),
         (_, Some(value), _) => match AppCheck::tcp_option(value)? {

@@ -25,12 +25,13 @@ use crate::tcp::{self, Listener, TcpSampler, TreeSockets};
 /// to see a port it opened later.
 const REDISCOVER: Duration = Duration::from_secs(30);
 
-/// Which ports the check looks at, for logs and `/status`.
-pub fn describe(given: &[u16]) -> String {
-    if given.is_empty() {
-        "the TCP ports the app's processes listen on".to_owned()
-    } else {
-        format!("--app-port {}", join(given.iter()))
+/// Which ports the check looks at, for logs and `/status`; `pod_wide`: a sidecar's, with no app
+/// process to scope the ports to.
+pub fn describe(given: &[u16], pod_wide: bool) -> String {
+    match (given.is_empty(), pod_wide) {
+        (false, _) => format!("--app-port {}", join(given.iter())),
+        (true, false) => "the TCP ports the app's processes listen on".to_owned(),
+        (true, true) => "every TCP port listening in the pod but drainit's own".to_owned(),
     }
 }
 

@@ -42,8 +42,9 @@ pub enum AppCheck {
     /// This command (argv, no shell) exits 0.
     Exec(Vec<OsString>),
     /// The app listens on TCP (`--ready-tcp auto`, the default): on these ports, or with none
-    /// given, on the ports its processes hold listening sockets for.
-    Listen(Vec<u16>),
+    /// given, on the ports its processes hold listening sockets for (`pod_wide`, `drainit
+    /// sidecar`: on every port listening in the pod but drainit's own).
+    Listen { ports: Vec<u16>, pod_wide: bool },
 }
 
 /// What `--ready-tcp` says.
@@ -141,7 +142,7 @@ impl AppCheck {
             AppCheck::Http(_) => CheckKind::Http,
             AppCheck::Tcp(_) => CheckKind::Tcp,
             AppCheck::Exec(_) => CheckKind::Exec,
-            AppCheck::Listen(_) => CheckKind::Listen,
+            AppCheck::Listen { .. } => CheckKind::Listen,
         }
     }
 }
@@ -186,7 +187,7 @@ impl RunningCheck {
     /// others.
     pub fn new(check: AppCheck, waiters: Waiters, app: Option<Pid>, probes: SocketAddr) -> Self {
         let given = match &check {
-            AppCheck::Listen(ports) => ports.clone(),
+            AppCheck::Listen { ports, .. } => ports.clone(),
             _ => Vec::new(),
         };
         Self {
@@ -205,7 +206,7 @@ impl RunningCheck {
     /// thread. Other checks ask the app itself, at once.
     fn first_look_after(&self) -> Duration {
         match self.check {
-            AppCheck::Listen(_) => LISTEN_STARTUP_INTERVAL,
+            AppCheck::Listen { .. } => LISTEN_STARTUP_INTERVAL,
             _ => Duration::ZERO,
         }
     }
@@ -216,7 +217,7 @@ impl RunningCheck {
     /// without --ready-tcp none) is looked at as often as any other.
     fn interval(&self, configured: Duration, ever_ready: bool, waited: Duration) -> Duration {
         match self.check {
-            AppCheck::Listen(_) if !ever_ready && waited < LISTEN_STARTUP => {
+            AppCheck::Listen { .. } if !ever_ready && waited < LISTEN_STARTUP => {
                 configured.min(LISTEN_STARTUP_INTERVAL)
             }
             _ => configured,
@@ -242,7 +243,7 @@ impl RunningCheck {
             .ok()
             .map(passed),
             AppCheck::Exec(argv) => exec(argv, timeout, &self.waiters).await.ok().map(passed),
-            AppCheck::Listen(_) => self.listening.run(timeout).await,
+            AppCheck::Listen { .. } => self.listening.run(timeout).await,
         };
         let (verdict, detail) = match result {
             Some(Ok(detail)) => (Verdict::Pass, detail),
@@ -267,7 +268,9 @@ impl fmt::Display for AppCheck {
                 let words: Vec<_> = argv.iter().map(|w| w.to_string_lossy()).collect();
                 f.write_str(&words.join(" "))
             }
-            AppCheck::Listen(ports) => f.write_str(&listening::describe(ports)),
+            AppCheck::Listen { ports, pod_wide } => {
+                f.write_str(&listening::describe(ports, *pod_wide))
+            }
         }
     }
 }
@@ -512,7 +515,13 @@ mod tests {
             (AppCheck::http("http://127.0.0.1:8080/").unwrap(), "http"),
             (AppCheck::tcp("localhost:1").unwrap(), "tcp"),
             (AppCheck::exec("true").unwrap(), "exec"),
-            (AppCheck::Listen(vec![]), "listen"),
+            (
+                AppCheck::Listen {
+                    ports: vec![],
+                    pod_wide: false,
+                },
+                "listen",
+            ),
         ] {
             assert_eq!(check.kind().label(), label, "{check}");
         }

@@ -311,6 +311,10 @@ fn native_sidecar_deletion_holds_the_app_until_the_drain_is_over() {
     let mut pod = Pod::start(&["--drain-delay", "2s", "--grace-period", "10s"]);
     let status = pod.drainit.status();
     assert_eq!(status["app_pid"], serde_json::Value::Null);
+    assert_eq!(
+        status["app_check"]["target"],
+        "every TCP port listening in the pod but drainit's own"
+    );
     let deleted = Instant::now();
     let mut prestop = pod.prestop();
     let hook = pod.app_hook();
