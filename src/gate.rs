@@ -28,49 +28,26 @@ pub struct StartupGate {
     pub timeout: Duration,
 }
 
-/// Whether the gate lets the kubelet see the pod ready.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GateState {
-    Waiting,
-    Open,
-    /// Opened by the timeout: no load balancer confirmed.
-    TimedOut,
-}
-
 impl StartupGate {
-    pub fn state(
-        &self,
-        checkers: &Checkers,
-        ready_since: Option<Instant>,
-        now: Instant,
-    ) -> GateState {
-        if checkers.all_healthy(now, self.probes) {
-            GateState::Open
-        } else if ready_since
-            .is_some_and(|since| now.saturating_duration_since(since) >= self.timeout)
-        {
-            GateState::TimedOut
-        } else {
-            GateState::Waiting
-        }
-    }
-
-    /// The verdict for the lifecycle, once the gate no longer waits.
+    /// The verdict for the lifecycle, once the gate no longer waits: open when every load
+    /// balancer saw the pod ready `probes` times in a row, timed out after `timeout` ready.
     fn verdict(
         &self,
         checkers: &Checkers,
         ready_since: Instant,
         now: Instant,
     ) -> Option<GateVerdict> {
-        match self.state(checkers, Some(ready_since), now) {
-            GateState::Waiting => None,
-            GateState::Open => Some(GateVerdict::Opened {
+        if checkers.all_healthy(now, self.probes) {
+            Some(GateVerdict::Opened {
                 probes: self.probes,
-            }),
-            GateState::TimedOut => Some(GateVerdict::TimedOut {
+            })
+        } else if now.saturating_duration_since(ready_since) >= self.timeout {
+            Some(GateVerdict::TimedOut {
                 timeout: self.timeout,
                 waiting_for: checkers.holding_the_gate(now, self.probes),
-            }),
+            })
+        } else {
+            None
         }
     }
 }
