@@ -138,6 +138,16 @@ impl Observers {
         }
     }
 
+    /// The end, now, of the drain that began at `started`, for `reason`, with what was seen (no
+    /// watcher's verdict: a fixed delay, a drain cut short, a drain with nothing to wait for).
+    pub fn end_now(&self, reason: EndReason, started: Instant) -> DrainEnd {
+        DrainEnd {
+            reason,
+            elapsed: started.elapsed(),
+            evidence: self.evidence(started),
+        }
+    }
+
     /// What was seen of load balancers and requests around the drain that began at `started`.
     pub fn evidence(&self, started: Instant) -> Evidence {
         Evidence {
@@ -200,11 +210,7 @@ impl DrainPolicy {
         match self {
             DrainPolicy::Fixed(delay) => {
                 tokio::time::sleep_until(started + delay).await;
-                DrainEnd {
-                    reason: EndReason::Delay,
-                    elapsed: started.elapsed(),
-                    evidence: observers.evidence(started),
-                }
+                observers.end_now(EndReason::Delay, started)
             }
             DrainPolicy::Watched(watched) => watched.run(started, observers).await,
         }

@@ -218,11 +218,7 @@ impl Supervisor {
             "drain started: /ready answers 503, the app keeps serving"
         );
         self.drain = Some(if never_ready {
-            let end = DrainEnd {
-                reason: EndReason::NeverReady,
-                elapsed: Duration::ZERO,
-                evidence: self.observers.evidence(started),
-            };
+            let end = self.observers.end_now(EndReason::NeverReady, started);
             Box::pin(std::future::ready(end))
         } else {
             Box::pin(
@@ -243,11 +239,7 @@ impl Supervisor {
             .state()
             .drain_started()
             .unwrap_or_else(Instant::now);
-        self.report_drain_end(&DrainEnd {
-            reason: EndReason::Interrupted,
-            elapsed: started.elapsed(),
-            evidence: self.observers.evidence(started),
-        });
+        self.report_drain_end(&self.observers.end_now(EndReason::Interrupted, started));
     }
 
     /// Every drain, however it ended, gets one `drain over` line with its evidence.
