@@ -19,7 +19,8 @@
 //! ```
 //!
 //! `GET /` answers `hello from <name> (pid <pid>)`, `GET /healthz` answers
-//! `ok`, anything else is a 404.
+//! `ok`, `GET /panic` panics in the connection's task (the app goes on serving),
+//! anything else is a 404.
 
 use std::convert::Infallible;
 use std::io::Write;
@@ -168,6 +169,9 @@ async fn handle(
             format!("hello from {name} (pid {})\n", std::process::id()),
         ),
         (&Method::GET, "/healthz") => (StatusCode::OK, "ok\n".to_string()),
+        // The connection's task unwinds and the app goes on serving: proof that a build (the
+        // static one compiles std itself) keeps panic = "unwind" working.
+        (&Method::GET, "/panic") => panic!("GET /panic"),
         _ => (StatusCode::NOT_FOUND, "not found\n".to_string()),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::binaries::{cargo_build_release, is_static};
+use common::binaries::{build_static, is_static};
 use common::{demo_app_bin, drainit_bin, http_get, time_until};
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
@@ -78,9 +78,10 @@ fn static_binaries() -> (PathBuf, PathBuf) {
         return (drainit, demo_app_bin());
     }
     let target = format!("{}-unknown-linux-musl", std::env::consts::ARCH);
-    // Apart: built together, the example's dev-dependency features would end up in drainit.
-    cargo_build_release(&["--target", &target, "--bin", "drainit"]);
-    cargo_build_release(&["--target", &target, "--example", "demo_app"]);
+    // As the Dockerfile builds them; apart: built together, the example's dev-dependency
+    // features would end up in drainit.
+    build_static(&target, &["--bin", "drainit"]);
+    build_static(&target, &["--example", "demo_app"]);
     let dir = drainit.parent().unwrap().parent().unwrap().join(&target);
     let dir = dir.join("release");
     (dir.join("drainit"), dir.join("examples/demo_app"))

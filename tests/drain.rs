@@ -10,18 +10,13 @@ use nix::sys::signal::Signal;
 
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn app_addr(drainit: &Drainit) -> std::net::SocketAddr {
-    let line = drainit.app_line("demo-app: listening on");
-    line.text.rsplit(' ').next().unwrap().parse().unwrap()
-}
-
 #[test]
 fn sigterm_flips_ready_keeps_serving_then_stops_the_app_and_exits_with_its_code() {
     let mut drainit = Drainit::demo(
         &["--drain-delay", "1s", "--grace-period", "6s"],
         &["--exit-code", "3"],
     );
-    let app = app_addr(&drainit);
+    let app = drainit.app_addr();
     assert_eq!(drainit.get("/ready").0, 200);
     assert_eq!(drainit.get("/alive").0, 200);
 
@@ -332,7 +327,7 @@ fn requests_after_the_stop_signal_are_logged_as_late_arrivals() {
         &["--drain-delay", "200ms", "--grace-period", "10s"],
         &["--ignore-term"],
     );
-    let app = app_addr(&drainit);
+    let app = drainit.app_addr();
     drainit.signal(Signal::SIGTERM);
     drainit.app_line("demo-app: signal TERM");
     // Requests until drainit reports one: the first readings after the stop signal may still
@@ -367,7 +362,7 @@ fn traffic_that_never_goes_quiet_ends_the_drain_at_its_cap_and_the_log_says_why(
         ],
         &[],
     );
-    let app = app_addr(&drainit);
+    let app = drainit.app_addr();
     let done = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicUsize::new(0));
     let client = {

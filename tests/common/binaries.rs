@@ -57,3 +57,18 @@ pub fn cargo_build_release(args: &[&str]) {
         args.join(" ")
     );
 }
+
+/// The static build users ship, for `target`: `docker/build-static.sh <target> <args>`.
+pub fn build_static(target: &str, args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/build-static.sh");
+    let built = Command::new(script)
+        .arg(target)
+        .args(args)
+        .status()
+        .expect("run docker/build-static.sh");
+    assert!(
+        built.success(),
+        "docker/build-static.sh {target} {} failed",
+        args.join(" ")
+    );
+}

@@ -381,6 +381,12 @@ impl Drainit {
             })
     }
 
+    /// The address the demo app reported listening on.
+    pub fn app_addr(&self) -> std::net::SocketAddr {
+        let line = self.app_line("demo-app: listening on");
+        line.text.rsplit(' ').next().unwrap().parse().unwrap()
+    }
+
     /// Sends SIGTERM to the demo app's drainit; returns how long the drain took, until the app
     /// reported its stop signal.
     pub fn drain_time(&self) -> Duration {
