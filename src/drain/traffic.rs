@@ -22,6 +22,7 @@ use super::arrivals::{self, AgeSamples, Rate, RateSource};
 use super::evidence::Quiet;
 use super::sampling::{FIRST_LOOK_AFTER, Jitter, Known, Plan, Stage};
 use crate::lifecycle::State;
+use crate::tasks;
 use crate::tcp::{self, Connection, TcpSampler};
 
 /// How far back the arrival rate before the drain is measured.
@@ -610,7 +611,7 @@ async fn off_thread<T: Default + Send + 'static>(
     sampler: Option<TcpSampler>,
     query: impl FnOnce(&mut Option<TcpSampler>) -> T + Send + 'static,
 ) -> (Option<TcpSampler>, T) {
-    let result = tokio::task::spawn_blocking(move || {
+    let result = tasks::spawn_blocking(move || {
         let mut sampler = sampler;
         let value = query(&mut sampler);
         (sampler, value)
