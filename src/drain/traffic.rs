@@ -667,15 +667,9 @@ fn read_sockets(
         attribute
             .then(|| sampler.listeners().ok())
             .flatten()
-            .map(|listeners| {
-                let mut others: Vec<u16> = listeners
-                    .into_iter()
-                    .map(|l| l.port)
-                    .filter(|port| *port != own_port && !ports.contains(port))
-                    .collect();
-                others.sort_unstable();
-                others.dedup();
-                others
+            .map(|mut listeners| {
+                listeners.retain(|l| l.port != own_port && !ports.contains(&l.port));
+                tcp::ports_of(&listeners)
             });
     match sampler.sockets(ports, others.as_deref().unwrap_or(&[])) {
         Ok(dump) => (Some(dump.connections), others.map(|_| dump.others)),
