@@ -27,6 +27,7 @@ use tracing::{debug, warn};
 
 use crate::exit::StartupError;
 use crate::lifecycle::{PhaseKind, State};
+use crate::tasks;
 use crate::throttle::Throttle;
 
 /// The request line of `drainit prestop`.
@@ -167,7 +168,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
         match listener.accept().await {
             Ok((stream, _)) => match caller_may_drain(&stream, drainit_uid) {
                 Ok(()) => {
-                    tokio::spawn(answer(stream, drain.clone(), state.clone()));
+                    tasks::spawn(answer(stream, drain.clone(), state.clone()));
                 }
                 Err(refusal) => {
                     if let Some(held_back) = refusals.occurred(Instant::now()) {
@@ -176,7 +177,7 @@ pub async fn serve(listener: UnixListener, drain: mpsc::Sender<()>, state: watch
                             held_back, "drain request refused: {refusal}"
                         );
                     }
-                    tokio::spawn(refuse(stream, refusal));
+                    tasks::spawn(refuse(stream, refusal));
                 }
             },
             Err(e) => {

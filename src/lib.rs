@@ -32,6 +32,7 @@ pub mod reaper;
 pub mod signals;
 pub mod supervisor;
 pub mod sync;
+pub mod tasks;
 pub mod tcp;
 pub mod throttle;
 
@@ -180,7 +181,7 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
     );
     let checker_recorded = Arc::new(Notify::new());
     if let Some(gate) = config.startup_gate {
-        tokio::spawn(gate::run(
+        tasks::spawn(gate::run(
             gate,
             observers.checkers.clone(),
             checker_recorded.clone(),
@@ -204,14 +205,14 @@ async fn supervise(config: RunConfig, shared: SharedArgs) -> Result<u8, StartupE
         startup_gate: config.startup_gate,
         metrics: metrics.clone(),
     };
-    tokio::spawn(probes::serve(
+    tasks::spawn(probes::serve(
         probes,
         lifecycle.subscribe(),
         observers.clone(),
         context,
         admin,
     ));
-    tokio::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
+    tasks::spawn(control::serve(control, drain_tx, lifecycle.subscribe()));
 
     let supervisor = Supervisor::new(app, lifecycle, reaper, observers, &config, metrics);
     let inputs = Inputs {
@@ -246,7 +247,7 @@ fn watch_readiness(
     let probes = probes.local_addr().unwrap_or(config.health_listen);
     let running = RunningCheck::new(check, reaper.waiters(), app, probes);
     let metrics = metrics.clone();
-    tokio::spawn(readiness::run(
+    tasks::spawn(readiness::run(
         running,
         config.readiness.clone(),
         check_log.clone(),
@@ -267,7 +268,7 @@ fn observe_traffic(
     metrics: Arc<Metrics>,
 ) -> Observers {
     let observers = Observers::new(config.app_ports.clone(), &config.drain);
-    tokio::spawn(
+    tasks::spawn(
         config
             .drain
             .clone()
@@ -278,7 +279,7 @@ fn observe_traffic(
         listener: probes.as_fd().try_clone_to_owned().ok().map(Arc::new),
         accepts: observers.own_accepts.clone(),
     };
-    tokio::spawn(traffic::monitor(
+    tasks::spawn(traffic::monitor(
         observers.traffic.clone(),
         app,
         config.app_ports.clone(),

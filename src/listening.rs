@@ -16,9 +16,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use nix::unistd::Pid;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use crate::tasks::{self, Blocking};
 use crate::tcp::{self, Listener, TcpSampler, TreeSockets};
 
 /// How often the app's file descriptors are read again while its known sockets all still listen,
@@ -44,7 +44,7 @@ pub struct Sighting {
     pub listeners: Vec<Listener>,
 }
 
-type Look = JoinHandle<(Option<TcpSampler>, Sighting)>;
+type Look = Blocking<(Option<TcpSampler>, Sighting)>;
 
 /// The check's memory between looks.
 pub struct ListenCheck {
@@ -116,7 +116,7 @@ impl ListenCheck {
             .sockets_read
             .is_none_or(|read| read.elapsed() >= REDISCOVER);
         let (app, own_port, sampler) = (self.app, self.own_port, self.sampler.take());
-        tokio::task::spawn_blocking(move || {
+        tasks::spawn_blocking(move || {
             let mut sampler = sampler.or_else(|| TcpSampler::new().ok());
             let mut listeners = tcp::listeners(sampler.as_mut());
             listeners.retain(|listener| listener.port != own_port);

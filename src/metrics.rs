@@ -67,24 +67,12 @@ const CHECK_BUCKETS: [f64; 13] = [
 
 type Label = Cow<'static, str>;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BuildLabels {
-    version: Label,
-}
+/// `name="value"`, the label set of every family with one label.
+// One type, not a struct each: prometheus-client's code is built per label set type (9 KiB).
+type OneLabel = [(&'static str, Label); 1];
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabels {
-    state: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    reason: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct SignalLabels {
-    signal: Label,
+fn one_label(name: &'static str, value: impl Into<Label>) -> OneLabel {
+    [(name, value.into())]
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,11 +86,6 @@ struct ProbeLabels {
 struct CheckLabels {
     kind: Label,
     result: Label,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KindLabels {
-    kind: Label,
 }
 
 /// Where the current lifecycle phase is read, at each scrape.
@@ -125,23 +108,18 @@ pub struct Metrics {
     rendering: Mutex<()>,
     /// The `signal` label of each signal drainit forwards.
     signal_labels: HashMap<i32, Label>,
-    lifecycle_state: Family<StateLabels, Gauge>,
+    lifecycle_state: Family<OneLabel, Gauge>,
     drain_duration: Histogram,
-    drains: Family<ReasonLabels, Counter>,
+    drains: Family<OneLabel, Counter>,
     app_stop_duration: Histogram,
     budget_kills: Counter,
-    signals_forwarded: Family<SignalLabels, Counter>,
+    signals_forwarded: Family<OneLabel, Counter>,
     zombies_reaped: Counter,
     probe_requests: Family<ProbeLabels, Counter>,
     app_checks: Family<CheckLabels, Counter>,
-    app_check_duration: Family<KindLabels, Histogram>,
+    app_check_duration: Family<OneLabel, Histogram>,
     late_arrivals: Counter,
-    drain_waits: Family<OutcomeLabels, Counter>,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    outcome: Label,
+    drain_waits: Family<OneLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,11 +132,9 @@ impl Metrics {
     /// Registers every metric; build info is set here (version = env!("CARGO_PKG_VERSION")).
     /// The lifecycle shows as `starting` until [`Metrics::read_phase_from`] says where to read it.
     pub fn new() -> Self {
-        let build_info = Family::<BuildLabels, Gauge>::default();
+        let build_info = Family::<OneLabel, Gauge>::default();
         build_info
-            .get_or_create(&BuildLabels {
-                version: Cow::Borrowed(env!("CARGO_PKG_VERSION")),
-            })
+            .get_or_create(&one_label("version", env!("CARGO_PKG_VERSION")))
             .set(1);
         let mut metrics = Self {
             registry: Registry::default(),
@@ -295,7 +271,7 @@ impl Metrics {
             None => Cow::Owned(signals::name(signal)),
         };
         self.signals_forwarded
-            .get_or_create(&SignalLabels { signal: label })
+            .get_or_create(&one_label("signal", label))
             .inc();
     }
 
@@ -322,7 +298,7 @@ impl Metrics {
     pub fn app_check(&self, kind: CheckKind, result: Verdict, duration: Duration) {
         let kind = Cow::Borrowed(kind.label());
         self.app_check_duration
-            .get_or_create(&KindLabels { kind: kind.clone() })
+            .get_or_create(&one_label("kind", kind.clone()))
             .observe(duration.as_secs_f64());
         self.app_checks
             .get_or_create(&CheckLabels {
@@ -339,9 +315,7 @@ impl Metrics {
 
     fn drain_wait_series(&self, outcome: drain_wait::Outcome) -> Counter {
         self.drain_waits
-            .get_or_create(&OutcomeLabels {
-                outcome: Cow::Borrowed(outcome.label()),
-            })
+            .get_or_create(&one_label("outcome", outcome.label()))
             .clone()
     }
 
@@ -375,18 +349,14 @@ impl Metrics {
     fn show_phase(&self, current: PhaseKind) {
         for kind in PhaseKind::ALL {
             self.lifecycle_state
-                .get_or_create(&StateLabels {
-                    state: Cow::Borrowed(kind.label()),
-                })
+                .get_or_create(&one_label("state", kind.label()))
                 .set(i64::from(kind == current));
         }
     }
 }
 
-fn reason_labels(reason: EndReason) -> ReasonLabels {
-    ReasonLabels {
-        reason: Cow::Borrowed(reason.label()),
-    }
+fn reason_labels(reason: EndReason) -> OneLabel {
+    one_label("reason", reason.label())
 }
 
 /// Turns `prometheus-client`'s OpenMetrics text (without its `# EOF`) into the Prometheus text

@@ -35,6 +35,7 @@ use crate::drain::Observers;
 use crate::exit::StartupError;
 use crate::lifecycle::{PhaseKind, State};
 use crate::metrics::Metrics;
+use crate::tasks;
 use crate::throttle::Throttle;
 
 use self::connections::{Registry, SharedRegistry};
@@ -135,7 +136,7 @@ pub async fn serve(
         connections::MAX_PER_ADDRESS,
         connections::MAX_SERVING,
     )));
-    tokio::spawn(cut_late_connections(registry.clone()));
+    tasks::spawn(cut_late_connections(registry.clone()));
     let server = Arc::new(Server {
         state,
         observers,
@@ -163,7 +164,7 @@ pub async fn serve(
             id: admitted.id,
             server: server.clone(),
         };
-        tokio::spawn(connection.serve(admitted.cut));
+        tasks::spawn(connection.serve(admitted.cut));
     }
 }
 

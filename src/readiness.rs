@@ -31,6 +31,7 @@ use crate::exit::StartupError;
 use crate::lifecycle::{Event, State};
 use crate::listening::{self, ListenCheck};
 use crate::reaper::Waiters;
+use crate::tasks;
 
 /// How the app says it is ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -284,7 +285,9 @@ async fn http_get(uri: &Uri) -> Result<(), String> {
     let (mut sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(connection);
+    tasks::spawn(async move {
+        let _ = connection.await;
+    });
     let authority = uri
         .authority()
         .map_or_else(|| host.to_owned(), ToString::to_string);

@@ -512,7 +512,8 @@ pub fn listening_ports_of_tree(root: Pid, listeners: &[Listener]) -> Vec<u16> {
 /// The ports of `listeners`, sorted, deduplicated.
 pub fn ports_of(listeners: &[Listener]) -> Vec<u16> {
     let mut ports: Vec<u16> = listeners.iter().map(|listener| listener.port).collect();
-    ports.sort_unstable();
+    // sort(), not sort_unstable(): the u16 sort the binary holds anyway (BTreeSet's collect).
+    ports.sort();
     ports.dedup();
     ports
 }

@@ -22,6 +22,7 @@ use super::arrivals::{self, AgeSamples, Rate, RateSource};
 use super::evidence::Quiet;
 use super::sampling::{FIRST_LOOK_AFTER, Jitter, Known, Plan, Stage};
 use crate::lifecycle::State;
+use crate::tasks;
 use crate::tcp::{self, Connection, TcpSampler};
 
 /// How far back the arrival rate before the drain is measured.
@@ -610,7 +611,7 @@ async fn off_thread<T: Default + Send + 'static>(
     sampler: Option<TcpSampler>,
     query: impl FnOnce(&mut Option<TcpSampler>) -> T + Send + 'static,
 ) -> (Option<TcpSampler>, T) {
-    let result = tokio::task::spawn_blocking(move || {
+    let result = tasks::spawn_blocking(move || {
         let mut sampler = sampler;
         let value = query(&mut sampler);
         (sampler, value)
@@ -666,15 +667,9 @@ fn read_sockets(
         attribute
             .then(|| sampler.listeners().ok())
             .flatten()
-            .map(|listeners| {
-                let mut others: Vec<u16> = listeners
-                    .into_iter()
-                    .map(|l| l.port)
-                    .filter(|port| *port != own_port && !ports.contains(port))
-                    .collect();
-                others.sort_unstable();
-                others.dedup();
-                others
+            .map(|mut listeners| {
+                listeners.retain(|l| l.port != own_port && !ports.contains(&l.port));
+                tcp::ports_of(&listeners)
             });
     match sampler.sockets(ports, others.as_deref().unwrap_or(&[])) {
         Ok(dump) => (Some(dump.connections), others.map(|_| dump.others)),
