@@ -18,6 +18,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::{Cell, UnsafeCell};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use dlmalloc::Dlmalloc;
@@ -109,8 +110,11 @@ fn release_inside(ptr: *mut u8, size: usize) {
     if size < RELEASE_MIN {
         return;
     }
-    let start = (ptr as usize + FREE_CHUNK_LINKS).next_multiple_of(PAGE);
-    let end = (ptr as usize + size - NEXT_CHUNK_FOOT) / PAGE * PAGE;
+    // The kernel's page, not PAGE: arm64 kernels may use 16 or 64 KiB pages, and madvise
+    // rounds its length up to them, past the block, if the start happens to be aligned.
+    let page = kernel_page_size();
+    let start = (ptr as usize + FREE_CHUNK_LINKS).next_multiple_of(page);
+    let end = (ptr as usize + size - NEXT_CHUNK_FOOT) / page * page;
     if start < end {
         // SAFETY: whole pages inside a block of the arena that dlmalloc just freed and that no one
         // can be given while the lock is held; the arena is anonymous memory (.bss).
@@ -118,6 +122,24 @@ fn release_inside(ptr: *mut u8, size: usize) {
             nix::libc::madvise(start as *mut _, end - start, nix::libc::MADV_DONTNEED);
         }
     }
+}
+
+/// The kernel's page size, read once (musl answers from the auxiliary vector: no allocation).
+fn kernel_page_size() -> usize {
+    static PAGE_SIZE: AtomicUsize = AtomicUsize::new(0);
+    let cached = PAGE_SIZE.load(Ordering::Relaxed);
+    if cached != 0 {
+        return cached;
+    }
+    // SAFETY: sysconf only reads a value.
+    let read = unsafe { nix::libc::sysconf(nix::libc::_SC_PAGESIZE) };
+    // Unknown: a page larger than any arena block holds, so nothing is released.
+    let page = match usize::try_from(read) {
+        Ok(page) if page > 0 => page,
+        _ => SMALL,
+    };
+    PAGE_SIZE.store(page, Ordering::Relaxed);
+    page
 }
 
 pub struct Allocator {
