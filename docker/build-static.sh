@@ -12,7 +12,11 @@
 # - with `optimize_for_size` (smaller sort and formatting code paths, same results).
 # build-std is a cargo feature still marked unstable: RUSTC_BOOTSTRAP=1 lets this stable
 # toolchain use it, for this build only. x86_64: 1.80 MiB -> 1.55 MiB; arm64: 1.64 -> 1.43 MiB.
+# build-std fetches std's own dependencies from crates.io (an offline build needs them vendored),
+# and RUSTC_BOOTSTRAP reaches build scripts too: proc-macro2's reruns, so switching between this
+# build and a plain `cargo build` rebuilds the proc-macro crates (about a minute).
 set -eu
+cd "$(dirname "$0")/.."
 if [ $# -lt 1 ]; then
     echo "usage: docker/build-static.sh <x86_64|aarch64>-unknown-linux-musl [cargo build args]" >&2
     exit 2
@@ -20,6 +24,10 @@ fi
 target=$1
 shift
 [ $# -gt 0 ] || set -- --bin drainit
+if ! command -v rustc >/dev/null; then
+    echo "docker/build-static.sh: no rustc on PATH: install Rust with rustup" >&2
+    exit 2
+fi
 if [ ! -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library/std" ]; then
     echo "docker/build-static.sh: std's sources are missing: run rustup component add rust-src" >&2
     exit 2

@@ -111,7 +111,7 @@ fn run(cli: Cli) -> Result<u8, StartupError> {
     } = cli;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // The epoll buffer (12 bytes an event) lives as long as drainit: tokio's 1,024 are 12 KiB
+        // The epoll buffer (12-16 bytes an event) lives as long as drainit: tokio's 1,024 are 12 KiB
         // for a handful of sockets at rest. A burst of probe connections takes a few more turns.
         .max_io_events_per_tick(128)
         .build()

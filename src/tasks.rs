@@ -13,6 +13,7 @@ type Task = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Starts `task` on the runtime.
 // tokio builds its task machinery once per future type: one type, not one per task, is 34 KiB less.
+#[track_caller]
 pub fn spawn(task: impl Future<Output = ()> + Send + 'static) -> JoinHandle<()> {
     let task: Task = Box::pin(task);
     tokio::spawn(task)
@@ -23,6 +24,7 @@ type Work = Box<dyn FnOnce() -> Box<dyn Any + Send> + Send>;
 
 /// Runs `work` on tokio's blocking threads; awaiting the handle gives its result.
 // One type whatever the result, for the same reason as `spawn`: 6 KiB less.
+#[track_caller]
 pub fn spawn_blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Blocking<T> {
     let work: Work = Box::new(move || Box::new(work()));
     Blocking {

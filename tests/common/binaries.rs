@@ -22,8 +22,9 @@ pub fn demo_app_bin() -> PathBuf {
     assert!(
         app.is_file(),
         "demo app not found at {}: a plain `cargo test` builds examples, but `cargo test --test \
-         <name>` does not; build it first with `cargo build --release --example demo_app` (add \
-         --target <triple> when DRAINIT_BIN points into target/<triple>/)",
+         <name>` does not; build it first with `cargo build --release --example demo_app` (or \
+         `docker/build-static.sh <triple> --example demo_app` when DRAINIT_BIN points into \
+         target/<triple>/)",
         app.display()
     );
     app
