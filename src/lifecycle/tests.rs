@@ -649,6 +649,13 @@ mod sidecar {
         (PhaseKind::Exited, vec![Action::Log(Note::SidecarDone)])
     }
 
+    /// The drain is over: reported, then drainit exits 0.
+    fn drain_over_exits_0() -> (PhaseKind, Vec<Action>) {
+        let (exited, mut actions) = exited_0();
+        actions.insert(0, Action::ReportDrainEnd);
+        (exited, actions)
+    }
+
     #[test]
     fn a_sidecar_drain_has_no_kill_deadline() {
         let clock = Clock::new();
@@ -708,14 +715,12 @@ mod sidecar {
             ],
         );
         let again = vec![Action::Log(Note::SigtermIgnoredDraining)];
-        let mut done = exited_0();
-        done.1.insert(0, Action::ReportDrainEnd);
         assert_eq!(
             log,
             [
                 start(DrainTrigger::Sigterm),
                 (PhaseKind::Draining, again),
-                done
+                drain_over_exits_0()
             ]
         );
         assert_eq!(exited.drain_started(), Some(clock.at(1)));
@@ -734,14 +739,12 @@ mod sidecar {
             ],
         );
         let during = vec![Action::Log(Note::SidecarSigtermDuringPrestop)];
-        let mut done = exited_0();
-        done.1.insert(0, Action::ReportDrainEnd);
         assert_eq!(
             log,
             [
                 start(DrainTrigger::Prestop),
                 (PhaseKind::Draining, during),
-                done
+                drain_over_exits_0()
             ]
         );
     }
