@@ -161,6 +161,17 @@ impl Allocator {
         self.small.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Gives an arena block back to dlmalloc, and its inner pages to the kernel.
+    ///
+    /// # Safety
+    /// `ptr` came from dlmalloc with `layout`.
+    unsafe fn free_small(&self, ptr: *mut u8, layout: Layout) {
+        let mut small = self.small();
+        // SAFETY: the caller's promise.
+        unsafe { small.free(ptr, layout.size(), layout.align()) };
+        release_inside(ptr, layout.size());
+    }
+
     /// From dlmalloc if small and the arena has room, else from musl.
     unsafe fn allocate(&self, layout: Layout, zeroed: bool) -> *mut u8 {
         if layout.size() < SMALL {
@@ -202,10 +213,8 @@ unsafe impl GlobalAlloc for Allocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if in_arena(ptr) {
-            let mut small = self.small();
             // SAFETY: ptr came from dlmalloc with this layout, as GlobalAlloc::dealloc requires.
-            unsafe { small.free(ptr, layout.size(), layout.align()) };
-            release_inside(ptr, layout.size());
+            unsafe { self.free_small(ptr, layout) }
         } else {
             // SAFETY: ptr came from musl with this layout.
             unsafe { System.dealloc(ptr, layout) }
@@ -236,9 +245,7 @@ unsafe impl GlobalAlloc for Allocator {
             let new = System.alloc(new_layout);
             if !new.is_null() {
                 std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                let mut small = self.small();
-                small.free(ptr, layout.size(), layout.align());
-                release_inside(ptr, layout.size());
+                self.free_small(ptr, layout);
             }
             new
         }
