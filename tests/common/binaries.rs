@@ -47,29 +47,23 @@ pub fn is_static(path: &Path) -> bool {
 /// do not build everything a test may need).
 pub fn cargo_build_release(args: &[&str]) {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = Command::new(cargo)
-        .args(["build", "--release"])
-        .args(args)
-        .status()
-        .expect("run cargo");
-    assert!(
-        built.success(),
-        "cargo build --release {} failed",
-        args.join(" ")
-    );
+    let mut command = Command::new(cargo);
+    command.args(["build", "--release"]).args(args);
+    build(command);
 }
 
 /// The static build users ship, for `target`: `docker/build-static.sh <target> <args>`.
 pub fn build_static(target: &str, args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/docker/build-static.sh");
-    let built = Command::new(script)
-        .arg(target)
-        .args(args)
-        .status()
-        .expect("run docker/build-static.sh");
-    assert!(
-        built.success(),
-        "docker/build-static.sh {target} {} failed",
-        args.join(" ")
-    );
+    let mut command = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docker/build-static.sh"
+    ));
+    command.arg(target).args(args);
+    build(command);
+}
+
+/// Runs a build; panics with its command line if it fails.
+fn build(mut command: Command) {
+    let built = command.status().expect("run the build");
+    assert!(built.success(), "{command:?} failed");
 }
